@@ -1,0 +1,119 @@
+"""The model contract: what the trainer core needs from a loaded Stable Diffusion model.
+
+The core never reaches into a model on its own. A *model adapter* hands it the
+pieces below; the WebUI adapter (``backends/webui.py``) builds them from
+``modules.shared.sd_model`` and the tests build them from tiny models whose module
+names and classes follow the WebUI's own (ldm names for SD1/SD2, sgm names for SDXL).
+
+Families and their parts::
+
+    family  unet (denoiser)                 text_encoders                  cond.vector
+    sd1     ldm UNetModel                   {"te": HF CLIPTextModel}      None
+    sd2     ldm UNetModel (linear proj)     {"te": OpenCLIP model}        None
+    sdxl    sgm UNetModel                   {"te1": HF CLIPTextModel,     (B, adm_in_channels):
+                                             "te2": OpenCLIP model}        pooled te2 + size embeddings
+
+The module trees are what LoRA attaches to, and their module names decide the
+kohya keys (``lora_trainer.naming``): ``unet`` must yield ldm/sgm names
+(``input_blocks.1.1.proj_in``), an HF text encoder ``text_model.encoder.layers.N...``,
+an OpenCLIP text encoder ``transformer.resblocks.N...``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import nn
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass(frozen=True)
+class SizeCond:
+    """SDXL micro-conditioning of one sample, in pixels (kohya and sgm order: height, width)."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+
+
+@dataclass
+class Conditioning:
+    """What the denoiser is conditioned on, for a batch.
+
+    ``context``: cross-attention context (B, T, C), T = 77 * number of 75-token chunks.
+    ``vector``: SDXL's ``y`` (pooled text embedding + size embeddings), None for SD1/SD2.
+    """
+
+    context: torch.Tensor
+    vector: torch.Tensor | None = None
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        return Conditioning(
+            self.context.to(*args, **kwargs),
+            None if self.vector is None else self.vector.to(*args, **kwargs),
+        )
+
+    def detach(self) -> "Conditioning":
+        return Conditioning(self.context.detach(), None if self.vector is None else self.vector.detach())
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    """A loaded SD1/SD2/SDXL model as the trainer sees it.
+
+    Attributes:
+        family: "sd1", "sd2" or "sdxl".
+        prediction_type: "epsilon" or "v_prediction" (SD2-768-v models).
+        device: where the model runs.
+        dtype: dtype of the UNet's weights (fp16 in a default WebUI).
+        alphas_cumprod: (1000,) float32 tensor of the model's noise schedule, on any device.
+        unet: the denoiser module that LoRA attaches to (ldm/sgm ``UNetModel``).
+        text_encoders: {"te": ...} for SD1/SD2, {"te1": ..., "te2": ...} for SDXL.
+        model_name: the checkpoint's name, for metadata (``ss_sd_model_name``).
+        model_hash: the checkpoint's hash if known, else "" (``ss_new_sd_model_hash``).
+        vae_name: the VAE in use, for metadata and the latent-cache key ("" if built in).
+    """
+
+    family: str
+    prediction_type: str
+    device: torch.device
+    dtype: torch.dtype
+    alphas_cumprod: torch.Tensor
+    unet: nn.Module
+    text_encoders: dict[str, nn.Module]
+    model_name: str
+    model_hash: str
+    vae_name: str
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Encode images to scaled latents, without gradients.
+
+        pixels: (B, 3, H, W) float in [-1, 1], H and W multiples of 8, on any device/dtype.
+        Returns (B, 4, H/8, W/8) latents already multiplied by the VAE scale factor.
+        """
+        ...
+
+    def encode_text(
+        self,
+        captions: Sequence[str],
+        *,
+        clip_skip: int = 1,
+        max_token_length: int = 75,
+        size_cond: Sequence[SizeCond] | None = None,
+    ) -> Conditioning:
+        """Turn captions into conditioning, differentiably w.r.t. any LoRA on the text encoders.
+
+        clip_skip: 1 = last layer, 2 = penultimate ... (SDXL ignores it, as kohya does).
+        max_token_length: 75, 150 or 225; captions are split into 75-token chunks, each
+            encoded as its own 77-token window and concatenated (the WebUI's way).
+        size_cond: SDXL only, one per caption.
+        """
+        ...
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Run the denoiser: returns the model output (epsilon or v) shaped like ``noisy_latents``."""
+        ...

@@ -1,0 +1,214 @@
+"""Which modules a kohya LoRA targets, and the kohya key of each.
+
+All key mapping lives here. The input is the WebUI's own module trees (ldm/sgm
+UNet names such as ``input_blocks.1.1.transformer_blocks.0.attn1.to_q``; HF CLIP
+``text_model.encoder.layers.0.self_attn.q_proj``; OpenCLIP
+``transformer.resblocks.0.attn``), the output is what kohya's ``networks/lora.py``
+writes for the same layer:
+
+* UNet, SD1/SD2: diffusers names (``lora_unet_down_blocks_0_attentions_0_proj_in``).
+* UNet, SDXL: compvis names (``lora_unet_input_blocks_4_1_proj_in``).
+* HF CLIP text encoders: ``lora_te_`` (SD1) / ``lora_te1_`` (SDXL) + the HF path.
+* OpenCLIP text encoders (SD2 ``lora_te_``, SDXL ``lora_te2_``): HF-style names, the
+  fused ``attn.in_proj_weight`` split into q/k/v rows, ``attn.out_proj`` ->
+  ``self_attn_out_proj``, ``mlp.c_fc`` -> ``mlp_fc1``, ``mlp.c_proj`` -> ``mlp_fc2``.
+  SD2 leaves out the last resblock: it conditions on the penultimate layer.
+
+What is targeted (as kohya): every Linear and 1x1 Conv2d inside a UNet
+``SpatialTransformer``, every Linear of the text encoders' attention and MLP; with
+``conv_dim`` also the UNet's ``ResBlock``/``Downsample``/``Upsample`` layers, whose
+3x3 convs take ``conv_dim`` and whose Linear/1x1 layers take ``network_dim``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import IncompatibleModelError
+
+UNET_ATTENTION_CLASSES = ("SpatialTransformer",)
+UNET_CONV_CLASSES = ("ResBlock", "Downsample", "Upsample")
+HF_CLIP_CLASSES = ("CLIPAttention", "CLIPMLP")
+OPENCLIP_BLOCK_CLASSES = ("ResidualAttentionBlock",)
+
+TE_PREFIXES = {"te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
+
+# ldm ResBlock layer -> diffusers resnet layer (SD1/SD2 keys)
+_RESNET_RENAMES = {
+    "in_layers.2": "conv1",
+    "out_layers.3": "conv2",
+    "emb_layers.1": "time_emb_proj",
+    "skip_connection": "conv_shortcut",
+}
+# OpenCLIP resblock layer -> HF CLIP encoder layer
+_OPENCLIP_RENAMES = {"attn.out_proj": "self_attn_out_proj", "mlp.c_fc": "mlp_fc1", "mlp.c_proj": "mlp_fc2"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One layer a LoRA module attaches to.
+
+    ``module`` is the Linear/Conv2d itself, or for ``kind`` ``mha_q``/``mha_k``/``mha_v``
+    the ``nn.MultiheadAttention`` whose fused ``in_proj_weight`` rows it adds to.
+    ``module_name`` is the module's path inside its component (unet or text encoder).
+    """
+
+    key: str
+    module: nn.Module
+    module_name: str
+    group: str  # "unet", "te", "te1", "te2"
+    kind: str  # "linear", "conv1x1", "conv3x3", "mha_q", "mha_k", "mha_v"
+    in_features: int
+    out_features: int
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+
+    @property
+    def uses_conv_dim(self) -> bool:
+        return self.kind == "conv3x3"
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind.startswith("conv")
+
+
+def _layer_target(key: str, name: str, module: nn.Module, group: str) -> Target | None:
+    if isinstance(module, nn.Linear):
+        return Target(key, module, name, group, "linear", module.in_features, module.out_features)
+    if isinstance(module, nn.Conv2d):
+        kernel = tuple(module.kernel_size)
+        kind = "conv1x1" if kernel == (1, 1) else "conv3x3"
+        return Target(
+            key,
+            module,
+            name,
+            group,
+            kind,
+            module.in_channels,
+            module.out_channels,
+            kernel,
+            tuple(module.stride),
+            tuple(module.padding),
+        )
+    return None
+
+
+def _unet_prefix_diffusers(block_name: str) -> str:
+    """ldm top-level UNet block (``input_blocks.4.1``) -> diffusers block (``down_blocks_1_attentions_0``).
+
+    Valid for the SD1/SD2 layout: two res blocks per level, a down/upsampler closing each level.
+    """
+    parts = block_name.split(".")
+    if parts[0] == "middle_block":
+        index = int(parts[1])
+        return "mid_block_attentions_0" if index == 1 else f"mid_block_resnets_{index // 2}"
+    n, m = int(parts[1]), int(parts[2])
+    if parts[0] == "input_blocks":
+        level, i = divmod(n - 1, 3)
+        if i == 2:
+            return f"down_blocks_{level}_downsamplers_0"
+        return f"down_blocks_{level}_{'attentions' if m == 1 else 'resnets'}_{i}"
+    if parts[0] == "output_blocks":
+        level, i = divmod(n, 3)
+        return f"up_blocks_{level}_{'attentions' if m == 1 else 'resnets'}_{i}"
+    raise IncompatibleModelError(f"unexpected UNet block {block_name!r}")
+
+
+def _unet_key(family: str, block_name: str, block: nn.Module, inner: str) -> str:
+    if family == "sdxl":
+        return "lora_unet_" + f"{block_name}.{inner}".replace(".", "_")
+    cls = type(block).__name__
+    if cls == "ResBlock":
+        inner = _RESNET_RENAMES.get(inner, inner)
+    elif cls == "Downsample":
+        inner = "conv"  # op -> downsamplers_0_conv
+    elif cls == "Upsample":
+        n = int(block_name.split(".")[1])
+        return f"lora_unet_up_blocks_{n // 3}_upsamplers_0_conv"
+    return f"lora_unet_{_unet_prefix_diffusers(block_name)}_{inner.replace('.', '_')}"
+
+
+def unet_targets(unet: nn.Module, family: str, conv: bool) -> Iterator[Target]:
+    """Targets in an ldm/sgm ``UNetModel``; ``conv`` adds the ResBlock/Down/Upsample layers."""
+    for block_name, block in unet.named_modules():
+        cls = type(block).__name__
+        if cls in UNET_ATTENTION_CLASSES:
+            convs_ok = ("conv1x1",)
+        elif conv and cls in UNET_CONV_CLASSES:
+            convs_ok = ("conv1x1", "conv3x3")
+        else:
+            continue
+        for inner, module in block.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            key = _unet_key(family, block_name, block, inner)
+            target = _layer_target(key, f"{block_name}.{inner}", module, "unet")
+            if target is not None and (not target.is_conv or target.kind in convs_ok):
+                yield target
+
+
+_HF_LAYER = re.compile(r"^text_model\.encoder\.layers\.\d+\.")
+_OPENCLIP_LAYER = re.compile(r"^transformer\.resblocks\.(\d+)$")
+
+
+def text_encoder_targets(encoder: nn.Module, group: str, family: str) -> Iterator[Target]:
+    """Targets in one text encoder, HF CLIP or OpenCLIP (detected from its module names)."""
+    prefix = TE_PREFIXES[group]
+    names = dict(encoder.named_modules())
+    if any(_HF_LAYER.match(n) for n in names):
+        for block_name, block in names.items():
+            if type(block).__name__ not in HF_CLIP_CLASSES:
+                continue
+            for inner, module in block.named_modules():
+                if isinstance(module, nn.Linear):
+                    path = f"{block_name}.{inner}"
+                    yield _layer_target(f"{prefix}_{path.replace('.', '_')}", path, module, group)
+        return
+
+    blocks = [(int(m.group(1)), n) for n in names if (m := _OPENCLIP_LAYER.match(n))]
+    if not blocks:
+        raise IncompatibleModelError(
+            f"text encoder {group!r} is neither an HF CLIP nor an OpenCLIP text model "
+            "(no text_model.encoder.layers.N nor transformer.resblocks.N modules)"
+        )
+    blocks.sort()
+    if family == "sd2":
+        blocks = blocks[:-1]  # SD2 conditions on the penultimate layer: kohya's encoder has one layer less
+    for index, block_name in blocks:
+        base = f"{prefix}_text_model_encoder_layers_{index}_"
+        attn = names[f"{block_name}.attn"]
+        if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
+            raise IncompatibleModelError(f"{block_name}.attn is not a fused nn.MultiheadAttention")
+        e = attn.embed_dim
+        for kind in ("q", "k", "v"):
+            yield Target(f"{base}self_attn_{kind}_proj", attn, f"{block_name}.attn", group, f"mha_{kind}", e, e)
+        for inner, renamed in _OPENCLIP_RENAMES.items():
+            path = f"{block_name}.{inner}"
+            yield _layer_target(base + renamed, path, names[path], group)
+
+
+def find_targets(
+    family: str,
+    unet: nn.Module | None,
+    text_encoders: dict[str, nn.Module] | None,
+    conv: bool = False,
+) -> list[Target]:
+    """Every kohya target of a model, text encoders first (kohya's order), keys unique."""
+    targets: list[Target] = []
+    for group, encoder in (text_encoders or {}).items():
+        if group not in TE_PREFIXES:
+            raise IncompatibleModelError(f"unknown text encoder group {group!r}")
+        targets.extend(text_encoder_targets(encoder, group, family))
+    if unet is not None:
+        targets.extend(unet_targets(unet, family, conv))
+    seen: set[str] = set()
+    for t in targets:
+        if t.key in seen:
+            raise IncompatibleModelError(f"two layers map to the same LoRA key {t.key!r}")
+        seen.add(t.key)
+    return targets

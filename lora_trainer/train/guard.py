@@ -1,0 +1,78 @@
+"""Leave the host's model exactly as it was found.
+
+``frozen_base(*modules)`` freezes every base parameter for training and, whatever
+happens inside (finish, cancel, exception, out-of-memory), puts back each
+parameter's ``requires_grad``, each module's train/eval mode and drops any
+gradient the run left on base parameters. It never copies or writes weights: the
+trainer only adds hooks, which the network removes itself.
+
+``checkpointed(blocks)`` runs the given blocks under non-reentrant activation
+checkpointing (works with LoRA hooks and any parameter, unlike ldm's own
+``checkpoint``) and restores their ``forward`` afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterable
+
+import torch.utils.checkpoint
+from torch import nn
+
+
+@contextlib.contextmanager
+def frozen_base(*modules: nn.Module):
+    params = {id(p): p for m in modules for p in m.parameters()}.values()
+    requires_grad = [(p, p.requires_grad, p.grad) for p in params]
+    training = [(m, m.training) for root in modules for m in root.modules()]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for root in modules:
+            root.eval()
+        yield
+    finally:
+        for p, flag, grad in requires_grad:
+            p.requires_grad_(flag)
+            p.grad = grad
+        for m, flag in training:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def checkpointed(blocks: Iterable[nn.Module]):
+    patched = []
+    try:
+        for block in blocks:
+            previous = block.__dict__.get("forward")
+            block.forward = _checkpointed_forward(block.forward)
+            patched.append((block, previous))
+        yield
+    finally:
+        for block, previous in patched:
+            if previous is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = previous
+
+
+def _checkpointed_forward(forward):
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def unet_blocks(unet: nn.Module) -> list[nn.Module]:
+    """The top-level blocks of an ldm/sgm UNet, the units activation checkpointing works on."""
+    blocks = []
+    for name in ("input_blocks", "output_blocks"):
+        blocks.extend(getattr(unet, name, []))
+    middle = getattr(unet, "middle_block", None)
+    if middle is not None:
+        blocks.append(middle)
+    return blocks
