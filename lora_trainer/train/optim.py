@@ -1,0 +1,403 @@
+"""Optimizers, learning-rate schedulers and parameter groups, as kohya-ss/sd-scripts builds them.
+
+Optimizers (``optim.optimizer_type``, case-insensitive):
+
+=========== ================================================ ==========================================
+AdamW       ``torch.optim.AdamW``
+AdamW8bit   ``bitsandbytes.optim.AdamW8bit``                 needs bitsandbytes and a device it runs on
+Lion        ``lion_pytorch.Lion``                            ``pip install lion-pytorch``
+Prodigy     ``prodigyopt.Prodigy``                           ``pip install prodigyopt``; use lr ~ 1.0
+Adafactor   ``transformers.optimization.Adafactor``
+=========== ================================================ ==========================================
+
+Schedulers (``optim.lr_scheduler``) are the ``transformers`` schedule functions that kohya's
+``get_scheduler_fix`` uses: constant, constant_with_warmup, linear, cosine, cosine_with_restarts,
+polynomial. An Adafactor with ``relative_step=True`` sets its own step size; it gets an
+``AdafactorSchedule`` (a proxy that reports that step size), as kohya does.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import math
+import numbers
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from lora_trainer.errors import ConfigError
+from lora_trainer.log import logger
+
+__all__ = [
+    "OPTIMIZER_TYPES",
+    "SCHEDULER_TYPES",
+    "build_optimizer",
+    "build_scheduler",
+    "current_lrs",
+    "param_groups_for",
+    "parse_optimizer_args",
+]
+
+OPTIMIZER_TYPES = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor")
+SCHEDULER_TYPES = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "adafactor",
+)
+
+_OPTIM_FIELD = "optim.optimizer_type"
+_ARGS_FIELD = "optim.optimizer_args"
+_LR_FIELD = "optim.learning_rate"
+_SCHED_FIELD = "optim.lr_scheduler"
+_WARMUP_FIELD = "optim.lr_warmup_steps"
+
+
+# --------------------------------------------------------------------------- parameter groups
+
+
+def param_groups_for(
+    unet_params: Iterable[torch.nn.Parameter],
+    te_params: Iterable[torch.nn.Parameter],
+    unet_lr: float | None,
+    te_lr: float | None,
+) -> list[dict[str, Any]]:
+    """Optimizer param groups ``[{"name": "unet", "params": [...], "lr": unet_lr}, {"name": "text_encoder", ...}]``.
+
+    A group with no parameters is left out. As in kohya, so is a group whose learning rate is 0
+    (that part is not trained). An lr of None leaves the key out so the optimizer's default lr applies.
+    The ``name`` key is carried by the optimizer's param groups; :func:`current_lrs` reports by it.
+    """
+    groups: list[dict[str, Any]] = []
+    for name, params, lr in (("unet", unet_params, unet_lr), ("text_encoder", te_params, te_lr)):
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            continue
+        if lr is not None and lr == 0:
+            logger.info(f"learning rate of the {name} is 0: its LoRA weights are not trained")
+            continue
+        group: dict[str, Any] = {"name": name, "params": params}
+        if lr is not None:
+            if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+                raise ConfigError(_LR_FIELD, f"the {name} learning rate must be a positive number, got {lr!r}")
+            group["lr"] = float(lr)
+        groups.append(group)
+    return groups
+
+
+# --------------------------------------------------------------------------- optimizer_args
+
+_ARG_START = re.compile(r"[\s,;]+(?=[A-Za-z_]\w*\s*=)")
+
+
+def _literal(key: str, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError) as e:
+        raise ConfigError(
+            _ARGS_FIELD, f"value of {key!r} is not a python literal: {value!r} (e.g. 0.01, (0.9, 0.99), True)"
+        ) from e
+
+
+def parse_optimizer_args(optimizer_args: Mapping[str, Any] | Iterable[str] | str | None) -> dict[str, Any]:
+    """Normalize optimizer arguments to a dict of python values.
+
+    Accepts a dict (string values are parsed with ``ast.literal_eval``: ``{"betas": "(0.9,0.99)"}``),
+    kohya's list of ``"key=value"`` strings (``["betas=(0.9,0.99)", "weight_decay=0.01"]``), or one string
+    of such items separated by spaces, commas or semicolons (``"betas=(0.9, 0.99) weight_decay=0.01"``).
+    """
+    if optimizer_args is None:
+        return {}
+    if isinstance(optimizer_args, Mapping):
+        return {str(k): _literal(str(k), v) for k, v in optimizer_args.items()}
+    if isinstance(optimizer_args, str):
+        text = optimizer_args.strip()
+        items = [s for s in _ARG_START.split(text) if s.strip()] if text else []
+    else:
+        items = list(optimizer_args)
+    out: dict[str, Any] = {}
+    for item in items:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(_ARGS_FIELD, f"expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if not key.isidentifier():
+            raise ConfigError(_ARGS_FIELD, f"bad argument name {key!r} in {item!r}")
+        out[key] = _literal(key, value)
+    return out
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def _canonical(name: str, allowed: tuple[str, ...], field: str, what: str) -> str:
+    if isinstance(name, str):
+        for a in allowed:
+            if name.strip().lower() == a.lower():
+                return a
+    raise ConfigError(field, f"unknown {what} {name!r}; choose one of: {', '.join(allowed)}")
+
+
+@functools.cache
+def _bnb_smoke_test(device_str: str) -> str | None:
+    """Run one AdamW8bit step on ``device_str``; None if it works, else why not."""
+    try:
+        import bitsandbytes as bnb
+
+        device = torch.device(device_str)
+        p = torch.nn.Parameter(torch.zeros(8192, device=device))  # > 4096 elements: the 8-bit state path
+        opt = bnb.optim.AdamW8bit([p], lr=1e-3)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if not torch.isfinite(p).all():
+            return "a test step produced non-finite values"
+    except Exception as e:  # any failure means: cannot run here
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _adamw8bit(param_groups, lr, kwargs):
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:  # ImportError, or a RuntimeError/OSError from a broken native library
+        raise ConfigError(
+            _OPTIM_FIELD,
+            f"AdamW8bit needs the bitsandbytes package, which could not be imported ({type(e).__name__}: {e}). "
+            "Install it (pip install bitsandbytes) on a machine with a supported GPU, or choose AdamW.",
+        ) from e
+    devices = sorted({str(p.device) for g in param_groups for p in g["params"]})
+    for device in devices:
+        reason = _bnb_smoke_test(device)
+        if reason is not None:
+            if not torch.cuda.is_available():
+                reason = f"no CUDA GPU is available ({reason})"
+            raise ConfigError(
+                _OPTIM_FIELD,
+                f"AdamW8bit (bitsandbytes) cannot run on {device}: {reason}. bitsandbytes' 8-bit optimizers need "
+                "a CUDA GPU with the parameters on it; choose AdamW instead.",
+            )
+    return bnb.optim.AdamW8bit(param_groups, lr=lr, **kwargs)
+
+
+def _lion(param_groups, lr, kwargs):
+    try:
+        from lion_pytorch import Lion
+    except ImportError as e:
+        raise ConfigError(
+            _OPTIM_FIELD, "Lion needs the lion-pytorch package: pip install lion-pytorch (or choose AdamW)"
+        ) from e
+    return Lion(param_groups, lr=lr, **kwargs)
+
+
+def _prodigy(param_groups, lr, kwargs):
+    try:
+        from prodigyopt import Prodigy
+    except ImportError as e:
+        raise ConfigError(
+            _OPTIM_FIELD, "Prodigy needs the prodigyopt package: pip install prodigyopt (or choose AdamW)"
+        ) from e
+    lrs = sorted({g.get("lr", lr) for g in param_groups})
+    if min(lrs) < 0.1:
+        logger.warning(
+            f"learning rate {min(lrs)} is too low for Prodigy, which adapts the step size itself: "
+            "set the learning rate (and unet/text encoder learning rates) around 1.0"
+        )
+    if len(lrs) > 1:
+        logger.info(f"Prodigy: the group learning rates {lrs} scale its adaptive step size per group")
+    return Prodigy(param_groups, lr=lr, **kwargs)
+
+
+def _adafactor(param_groups, lr, kwargs):
+    from transformers.optimization import Adafactor
+
+    if "relative_step" not in kwargs:
+        # kohya defaults to relative_step=True; with an explicit learning rate a fixed step is what is asked for.
+        kwargs["relative_step"] = bool(kwargs.get("warmup_init", False)) or not lr
+    if kwargs.get("warmup_init", False) and not kwargs["relative_step"]:
+        logger.info("Adafactor: warmup_init=True needs relative_step=True; setting relative_step=True")
+        kwargs["relative_step"] = True
+    if kwargs["relative_step"]:
+        kwargs.setdefault("scale_parameter", True)
+        kwargs.setdefault("warmup_init", False)
+        if lr:
+            logger.warning(
+                "Adafactor with relative_step=True computes its own step size; "
+                f"the learning rate {lr} is only used as the initial value reported by the scheduler"
+            )
+        for g in param_groups:  # Adafactor ignores a group's lr then; keep it for the scheduler's initial value
+            g.setdefault("lr", lr)
+        return Adafactor(param_groups, lr=None, **kwargs)
+    kwargs.setdefault("scale_parameter", False)
+    kwargs.setdefault("warmup_init", False)
+    if not lr and any(not g.get("lr") for g in param_groups):
+        raise ConfigError(_LR_FIELD, "Adafactor with relative_step=False needs a learning rate > 0")
+    return Adafactor(param_groups, lr=lr, **kwargs)
+
+
+def _adamw(param_groups, lr, kwargs):
+    return torch.optim.AdamW(param_groups, lr=lr, **kwargs)
+
+
+_BUILDERS = {
+    "AdamW": _adamw,
+    "AdamW8bit": _adamw8bit,
+    "Lion": _lion,
+    "Prodigy": _prodigy,
+    "Adafactor": _adafactor,
+}
+
+
+def build_optimizer(
+    name: str,
+    param_groups: Iterable[dict[str, Any]] | Iterable[torch.nn.Parameter],
+    lr: float | None,
+    optimizer_args: Mapping[str, Any] | Iterable[str] | str | None = None,
+) -> torch.optim.Optimizer:
+    """Build optimizer ``name`` (one of :data:`OPTIMIZER_TYPES`, case-insensitive) over ``param_groups``.
+
+    ``param_groups``: groups from :func:`param_groups_for` (or plain parameters). ``lr``: the default
+    learning rate, used by groups without their own. ``optimizer_args``: extra constructor arguments,
+    see :func:`parse_optimizer_args`. Problems raise :class:`ConfigError`. For AdamW8bit, build the
+    optimizer after the parameters are on the training device: the check runs there.
+    """
+    canonical = _canonical(name, OPTIMIZER_TYPES, _OPTIM_FIELD, "optimizer")
+    kwargs = parse_optimizer_args(optimizer_args)
+    if "lr" in kwargs:
+        raise ConfigError(_ARGS_FIELD, "set the learning rate with the learning rate setting, not in optimizer_args")
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+        raise ConfigError(_LR_FIELD, f"learning rate must be a number >= 0, got {lr!r}")
+    groups = list(param_groups)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    groups = [dict(g, params=list(g["params"])) for g in groups]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ConfigError(_LR_FIELD, "nothing to train: every parameter group is empty or has learning rate 0")
+    if lr is None and canonical != "Adafactor":
+        if not all(g.get("lr") for g in groups):
+            raise ConfigError(_LR_FIELD, f"{canonical} needs a learning rate")
+        lr = groups[0]["lr"]
+    lr = None if lr is None else float(lr)
+
+    try:
+        opt = _BUILDERS[canonical](groups, lr, kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # unknown keyword, out-of-range beta ...
+        raise ConfigError(_ARGS_FIELD, f"{canonical} rejected its arguments {kwargs}: {e}") from e
+    logger.info(f"optimizer: {type(opt).__module__}.{type(opt).__name__} {kwargs or ''}".rstrip())
+    return opt
+
+
+# --------------------------------------------------------------------------- schedulers
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_relative_step_adafactor(optimizer: torch.optim.Optimizer) -> bool:
+    try:
+        from transformers.optimization import Adafactor
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(optimizer, Adafactor) and any(g.get("relative_step") for g in optimizer.param_groups)
+
+
+def build_scheduler(
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    num_training_steps: int,
+    num_warmup_steps: int = 0,
+    num_cycles: int = 1,
+    power: float = 1.0,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate scheduler ``name`` (one of :data:`SCHEDULER_TYPES`), stepped once per optimizer step.
+
+    ``num_cycles``: hard restarts of cosine_with_restarts; ``power``: exponent of polynomial (which decays
+    to 1e-7, transformers' default). As in kohya, ``constant`` with warmup steps is an error (use
+    constant_with_warmup). An Adafactor with ``relative_step=True`` always gets an ``AdafactorSchedule``.
+    ``state_dict()``/``load_state_dict()`` of the result round-trip into a scheduler built the same way.
+    """
+    from transformers import optimization as tfo
+
+    canonical = _canonical(name, SCHEDULER_TYPES, _SCHED_FIELD, "lr scheduler")
+    if not _is_int(num_training_steps) or num_training_steps < 1:
+        raise ConfigError("optim.max_train_steps", f"number of training steps must be >= 1, got {num_training_steps!r}")
+    if not _is_int(num_warmup_steps) or num_warmup_steps < 0:
+        raise ConfigError(_WARMUP_FIELD, f"warmup steps must be an integer >= 0, got {num_warmup_steps!r}")
+    num_training_steps, num_warmup_steps = int(num_training_steps), int(num_warmup_steps)
+
+    if _is_relative_step_adafactor(optimizer):
+        if canonical not in ("adafactor", "constant"):
+            logger.warning(
+                f"Adafactor with relative_step=True schedules its own step size; lr scheduler {canonical!r} is ignored"
+            )
+        initial_lr = next((g["lr"] for g in optimizer.param_groups if g.get("lr")), 0.0)
+        return tfo.AdafactorSchedule(optimizer, initial_lr=float(initial_lr))
+    if canonical == "adafactor":
+        raise ConfigError(_SCHED_FIELD, "the adafactor scheduler needs the Adafactor optimizer with relative_step=True")
+
+    if num_warmup_steps >= num_training_steps and canonical != "constant":
+        logger.warning(
+            f"{num_warmup_steps} warmup steps >= {num_training_steps} training steps: lr never leaves warmup"
+        )
+
+    if canonical == "constant":
+        if num_warmup_steps:
+            raise ConfigError(
+                _WARMUP_FIELD, "the constant scheduler takes no warmup steps; use constant_with_warmup or set them to 0"
+            )
+        return tfo.get_constant_schedule(optimizer)
+    if canonical == "constant_with_warmup":
+        return tfo.get_constant_schedule_with_warmup(optimizer, num_warmup_steps=num_warmup_steps)
+    if canonical == "linear":
+        return tfo.get_linear_schedule_with_warmup(optimizer, num_warmup_steps, num_training_steps)
+    if canonical == "cosine":
+        return tfo.get_cosine_schedule_with_warmup(optimizer, num_warmup_steps, num_training_steps)
+    if canonical == "cosine_with_restarts":
+        if not _is_int(num_cycles) or num_cycles < 1:
+            raise ConfigError("optim.lr_scheduler_num_cycles", f"must be an integer >= 1, got {num_cycles!r}")
+        return tfo.get_cosine_with_hard_restarts_schedule_with_warmup(
+            optimizer, num_warmup_steps, num_training_steps, num_cycles=int(num_cycles)
+        )
+    # polynomial
+    if not (isinstance(power, (int, float)) and power > 0):
+        raise ConfigError("optim.lr_scheduler_power", f"must be > 0, got {power!r}")
+    try:
+        return tfo.get_polynomial_decay_schedule_with_warmup(
+            optimizer, num_warmup_steps, num_training_steps, power=float(power)
+        )
+    except (ValueError, TypeError) as e:  # lr_init <= lr_end (1e-7), or no default lr
+        raise ConfigError(_LR_FIELD, f"polynomial scheduler: {e}") from e
+
+
+def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The effective learning rate of each param group, keyed by the group's ``name`` (``group{i}`` if none).
+
+    Prodigy: ``d * lr`` (the adapted step, as kohya logs it). Adafactor with relative_step: the step
+    size it computes (the group's lr before its first step).
+    """
+    out: dict[str, float] = {}
+    for i, group in enumerate(optimizer.param_groups):
+        name = group.get("name") or f"group{i}"
+        lr = group.get("lr") or 0.0
+        if "d" in group and type(optimizer).__name__ == "Prodigy":
+            lr = group["d"] * lr
+        elif group.get("relative_step") and hasattr(optimizer, "_get_lr"):
+            state = optimizer.state.get(group["params"][0], {})
+            if state.get("step"):
+                lr = optimizer._get_lr(group, state)
+        out[name] = float(lr)
+    return out
