@@ -1,0 +1,262 @@
+"""Latent cache: VAE latents of training images, in memory and optionally on disk.
+
+An entry's key is the sha256 of the image file's content hash, the bucket size, the
+resize size, the crop, the flip, the VAE identity and a format version; so an edited image,
+a new resolution or another VAE misses and is encoded again. On disk each entry is one
+safetensors file ``<cache_dir>/<key>.safetensors`` (a single ``latents`` tensor, float32,
+(C, h, w), and string metadata repeating what went into the key). Nothing is pickled.
+A damaged or mismatching file is logged, encoded again and replaced.
+
+Only deterministic crops can be cached: a random crop raises :class:`DatasetError`, as
+kohya refuses ``--random_crop`` with ``--cache_latents``. Flip augmentation is supported by
+caching the flipped image too (``flip=True`` entries).
+
+The cache never writes anywhere but ``cache_dir`` (None keeps everything in memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import ImageOps
+
+from lora_trainer.data.images import load_image_rgb, pil_to_tensor, resize_and_crop
+from lora_trainer.errors import DatasetError
+from lora_trainer.log import logger
+
+CACHE_FORMAT = "lora_trainer.latent_cache"
+CACHE_VERSION = "1"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class LatentRequest:
+    """One latent to get: the image at ``path`` scaled to ``resized_size`` (w, h; None = the
+    smallest size covering ``size``), centre-cropped to ``size`` (w, h), mirrored if ``flip``.
+
+    ``variant`` is any extra string that changes the pixels (for example the background
+    colour used for transparent images); it is part of the key.
+    """
+
+    path: Path
+    size: tuple[int, int]
+    resized_size: tuple[int, int] | None = None
+    crop: str = "center"
+    flip: bool = False
+    variant: str = ""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_key(content_hash: str, request: LatentRequest, vae_id: str) -> str:
+    """The entry key (hex sha256) of ``request`` for an image whose bytes hash to ``content_hash``."""
+    parts = {
+        "format": CACHE_FORMAT,
+        "version": CACHE_VERSION,
+        "content": content_hash,
+        "size": list(request.size),
+        "resized": list(request.resized_size) if request.resized_size else None,
+        "crop": request.crop,
+        "flip": bool(request.flip),
+        "variant": request.variant,
+        "vae": vae_id,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def default_pixels(request: LatentRequest) -> torch.Tensor:
+    """(3, H, W) pixels in [-1, 1] for ``request``, loaded the way the training dataset loads them."""
+    img = load_image_rgb(request.path)
+    out = resize_and_crop(img, request.size[0], request.size[1], "center", resized_size=request.resized_size).image
+    if request.flip:
+        out = ImageOps.mirror(out)
+    return pil_to_tensor(out)
+
+
+class LatentCache:
+    """Latents by key, in memory and (when ``cache_dir`` is set) on disk.
+
+    ``stats`` counts ``memory_hits``, ``disk_hits``, ``encoded`` and ``corrupt`` entries.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None):
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._memory: dict[str, torch.Tensor] = {}
+        self.stats = {"memory_hits": 0, "disk_hits": 0, "encoded": 0, "corrupt": 0}
+
+    def __len__(self) -> int:
+        return len(self._memory)
+
+    def clear_memory(self) -> None:
+        """Drop the in-memory latents (disk files stay)."""
+        self._memory.clear()
+
+    def path_for(self, key: str) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / f"{key}.safetensors"
+
+    # -- disk ------------------------------------------------------------------------------
+
+    def _metadata(self, key: str, request: LatentRequest, vae_id: str, content_hash: str) -> dict[str, str]:
+        return {
+            "format": CACHE_FORMAT,
+            "version": CACHE_VERSION,
+            "key": key,
+            "content_sha256": content_hash,
+            "source_name": request.path.name,
+            "size": f"{request.size[0]}x{request.size[1]}",
+            "crop": request.crop,
+            "flip": str(bool(request.flip)),
+            "vae_id": vae_id,
+        }
+
+    def _read(self, path: Path, key: str) -> torch.Tensor | None:
+        """The latent stored at ``path``, or None if missing; raises ValueError if unusable."""
+        from safetensors import safe_open
+
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION:
+                raise ValueError("not a latent-cache file of this version")
+            if meta.get("key") != key:
+                raise ValueError("key in the file does not match its name")
+            if list(f.keys()) != ["latents"]:
+                raise ValueError("unexpected tensors")
+            t = f.get_tensor("latents")
+        if t.dim() != 3 or not torch.isfinite(t).all():
+            raise ValueError("latents are not a finite (C, h, w) tensor")
+        return t
+
+    def _write(self, path: Path, latents: torch.Tensor, metadata: dict[str, str]) -> None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({"latents": latents.contiguous()}, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    # -- main entry ------------------------------------------------------------------------
+
+    def get_or_encode(
+        self,
+        items: Sequence[LatentRequest],
+        encode_fn: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        vae_id: str,
+        batch_size: int = 1,
+        pixels_fn: Callable[[LatentRequest], torch.Tensor] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[torch.Tensor]:
+        """Latents for ``items``, in order: (C, h, w) float32 CPU tensors.
+
+        Found in memory, else on disk, else encoded: misses are grouped by size, loaded with
+        ``pixels_fn`` (default: :func:`default_pixels`) and passed to ``encode_fn`` in batches
+        of up to ``batch_size`` as (B, 3, H, W) float32 CPU pixels in [-1, 1]; it returns
+        (B, C, H/8, W/8) latents (a model adapter's ``encode_images``). ``vae_id`` names the
+        VAE (name + hash); a different one never reuses latents. ``progress(done, total)`` is
+        called as items are resolved.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        for r in items:
+            if r.crop != "center":
+                raise DatasetError(
+                    "Latent caching needs a fixed crop: random crop changes the pixels every epoch, so cached "
+                    "latents would be wrong. Turn off random crop or turn off latent caching."
+                )
+        pixels_fn = pixels_fn or default_pixels
+        total = len(items)
+        results: list[torch.Tensor | None] = [None] * total
+        keys: list[str] = []
+        hashes: dict[Path, str] = {}
+        misses: dict[tuple[int, int], list[int]] = {}
+        done = 0
+        for i, r in enumerate(items):
+            path = Path(r.path)
+            if path not in hashes:
+                try:
+                    hashes[path] = file_sha256(path)
+                except OSError as e:
+                    raise DatasetError(f"Cannot read image {path}: {e}. Check that it still exists.") from None
+            key = cache_key(hashes[path], r, vae_id)
+            keys.append(key)
+            hit = self._memory.get(key)
+            if hit is not None:
+                self.stats["memory_hits"] += 1
+                results[i] = hit
+                done += 1
+                continue
+            disk = self.path_for(key)
+            if disk is not None:
+                try:
+                    hit = self._read(disk, key)
+                except Exception as e:
+                    self.stats["corrupt"] += 1
+                    logger.warning("Latent cache file %s is damaged (%s); encoding %s again.", disk, e, path)
+                    hit = None
+                if hit is not None:
+                    self.stats["disk_hits"] += 1
+                    self._memory[key] = hit
+                    results[i] = hit
+                    done += 1
+                    continue
+            misses.setdefault(tuple(r.size), []).append(i)
+        if progress is not None:
+            progress(done, total)
+
+        for indices in misses.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                # the same image and size can be requested twice: encode it once
+                todo, seen = [], set()
+                for i in chunk:
+                    if keys[i] not in self._memory and keys[i] not in seen:
+                        seen.add(keys[i])
+                        todo.append(i)
+                if todo:
+                    pixels = torch.stack([pixels_fn(items[i]) for i in todo]).float()
+                    with torch.no_grad():
+                        latents = encode_fn(pixels)
+                    if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[0] != len(todo):
+                        raise ValueError(
+                            f"encode_fn returned {getattr(latents, 'shape', type(latents))} for {len(todo)} images; "
+                            "expected (B, C, h, w)"
+                        )
+                    latents = latents.detach().to("cpu", torch.float32)
+                    for j, i in enumerate(todo):
+                        lat = latents[j].clone()
+                        key = keys[i]
+                        self._memory[key] = lat
+                        self.stats["encoded"] += 1
+                        disk = self.path_for(key)
+                        if disk is not None:
+                            r = items[i]
+                            self._write(disk, lat, self._metadata(key, r, vae_id, hashes[Path(r.path)]))
+                for i in chunk:
+                    results[i] = self._memory[keys[i]]
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+        return results  # type: ignore[return-value]
