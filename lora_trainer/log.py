@@ -12,7 +12,7 @@ if not logger.handlers:
     logger.setLevel(logging.INFO)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def warning_once(message: str) -> None:
     """Log ``message`` as a warning the first time it is seen in this process."""
     logger.warning(message)

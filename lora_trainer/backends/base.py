@@ -21,8 +21,9 @@ an OpenCLIP text encoder ``transformer.resblocks.N...``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -51,13 +52,13 @@ class Conditioning:
     context: torch.Tensor
     vector: torch.Tensor | None = None
 
-    def to(self, *args, **kwargs) -> "Conditioning":
+    def to(self, *args, **kwargs) -> Conditioning:
         return Conditioning(
             self.context.to(*args, **kwargs),
             None if self.vector is None else self.vector.to(*args, **kwargs),
         )
 
-    def detach(self) -> "Conditioning":
+    def detach(self) -> Conditioning:
         return Conditioning(self.context.detach(), None if self.vector is None else self.vector.detach())
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..naming import Target
+from ..naming import Target, find_targets
 from .lora import LoRAModule
 
 
@@ -207,3 +207,36 @@ def _merge_masks(attn_mask, key_padding_mask, dtype, heads: int) -> torch.Tensor
         pad = additive(key_padding_mask)[:, None, None, :]
         mask = pad if mask is None else mask + pad
     return mask
+
+
+def network_from_weights(
+    state_dict: dict[str, torch.Tensor],
+    family: str,
+    unet: nn.Module | None,
+    text_encoders: dict[str, nn.Module] | None,
+) -> tuple[LoRANetwork, list[str]]:
+    """A network for the modules a kohya LoRA file names, loaded with its weights (fp32).
+
+    Returns the network and the keys of the file that match no module of the model;
+    rank and alpha are read per module, as kohya's ``create_network_from_weights`` does.
+    """
+    modules = {}
+    for key, value in state_dict.items():
+        name, _, part = key.partition(".")
+        modules.setdefault(name, {})[part] = value
+    targets = {t.key: t for t in find_targets(family, unet, text_encoders, conv=True)}
+    network = LoRANetwork([], rank=1, alpha=None)
+    unplaced = []
+    for name, parts in modules.items():
+        target = targets.get(name)
+        down = parts.get("lora_down.weight")
+        if target is None or down is None or "lora_up.weight" not in parts:
+            unplaced.append(name)
+            continue
+        alpha = parts.get("alpha")
+        lora = LoRAModule(target, down.shape[0], None if alpha is None else float(alpha), device=_target_device(target))
+        lora.lora_down.weight.data.copy_(down)
+        lora.lora_up.weight.data.copy_(parts["lora_up.weight"])
+        network.add_module(name, lora)
+        network.targets[name] = target
+    return network, sorted(unplaced)

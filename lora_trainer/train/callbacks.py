@@ -1,0 +1,91 @@
+"""What the training loop tells its caller, and how the caller stops it.
+
+The loop emits a :class:`StepInfo` to ``Callbacks.on_step`` after every optimizer
+step and polls ``Callbacks.should_stop()`` before every batch. Hosts subclass
+:class:`Callbacks` (the WebUI job maps them onto ``shared.state``); every method has
+a no-op default.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    step: int  # optimizer steps done
+    total_steps: int
+    epoch: int  # 1-based
+    total_epochs: int
+    loss: float  # this step's loss (mean over its micro-batches)
+    avg_loss: float  # mean of the last few steps' losses
+    lrs: dict[str, float]  # learning rate per parameter group ("unet", "text_encoder")
+    steps_per_s: float
+    eta_s: float
+    elapsed_s: float
+
+
+@dataclass
+class TrainResult:
+    output_path: Path | None  # the final LoRA file (None if stopped before the first step)
+    steps: int
+    epochs: int
+    stopped_early: bool
+    state_dir: Path | None  # resume state, if written
+    losses: list[float] = field(default_factory=list)  # loss of every step
+    saved: list[Path] = field(default_factory=list)  # every LoRA file written, in order
+    seed: int = 0
+
+
+class Callbacks:
+    def on_status(self, text: str) -> None:
+        """A phase change ("Caching latents 3/20", "Saving ...")."""
+
+    def on_start(self, total_steps: int, total_epochs: int) -> None:
+        pass
+
+    def on_step(self, info: StepInfo) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+    def on_save(self, path: Path, final: bool) -> None:
+        pass
+
+    def on_sample(self, step: int, epoch: int) -> None:
+        """Time for sample images: the network is attached, in eval mode, with no autograd."""
+
+
+class ProgressMeter:
+    """Steps per second over a sliding window, and the ETA derived from it."""
+
+    def __init__(self, total_steps: int, window: int = 20):
+        self.total_steps = total_steps
+        self.start = time.perf_counter()
+        self.times: deque[float] = deque(maxlen=window + 1)
+        self.losses: deque[float] = deque(maxlen=window)
+        self.times.append(self.start)
+
+    def update(self, step: int, epoch: int, total_epochs: int, loss: float, lrs: dict[str, float]) -> StepInfo:
+        now = time.perf_counter()
+        self.times.append(now)
+        self.losses.append(loss)
+        span = self.times[-1] - self.times[0]
+        rate = (len(self.times) - 1) / span if span > 0 else 0.0
+        remaining = max(self.total_steps - step, 0)
+        return StepInfo(
+            step=step,
+            total_steps=self.total_steps,
+            epoch=epoch,
+            total_epochs=total_epochs,
+            loss=loss,
+            avg_loss=sum(self.losses) / len(self.losses),
+            lrs=lrs,
+            steps_per_s=rate,
+            eta_s=remaining / rate if rate > 0 else float("inf"),
+            elapsed_s=now - self.start,
+        )

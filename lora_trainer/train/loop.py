@@ -1,0 +1,506 @@
+"""The training loop: one readable function over a model adapter.
+
+``train(cfg, adapter, callbacks)`` validates the config, scans the dataset, builds the
+LoRA network on the adapter's modules, then runs kohya's recipe (noise, timesteps,
+epsilon or v target, optional noise offset and min-SNR weighting, gradient
+accumulation and clipping, mixed precision) and writes the LoRA file with kohya's
+keys and metadata. The base model is frozen for the run and left exactly as found.
+
+Randomness is derived from the seed and the batch's position (epoch, batch index), and
+the data order from (seed, epoch), so a run resumed from its saved state continues
+exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..backends.base import FAMILIES, Conditioning, ModelAdapter, SizeCond
+from ..config import TrainConfig
+from ..data.buckets import BucketSettings
+from ..data.cache import LatentCache
+from ..data.captions import process_caption, split_tags
+from ..data.dataset import TrainDataset, dataset_dirs_info, dataset_tag_frequency, scan_dataset
+from ..errors import ConfigError, IncompatibleModelError
+from ..io import StateFileError, TrainingInfo, build_metadata, load_state, optimizer_string, save_lora, save_state
+from ..log import logger
+from ..naming import find_targets
+from ..networks import LoRANetwork
+from . import objectives
+from .callbacks import Callbacks, ProgressMeter, TrainResult
+from .guard import checkpointed, frozen_base, unet_blocks
+from .optim import build_optimizer, build_scheduler, current_lrs, param_groups_for
+
+TE_GROUPS = ("te", "te1", "te2")
+_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_work_dir() -> Path:
+    """Where latent caches and resume states live when the host names no folder."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sd-webui-lora-train"
+
+
+def state_dir_for(work_dir: str | os.PathLike, output_name: str) -> Path:
+    return Path(work_dir) / "states" / output_name
+
+
+def train(
+    cfg: TrainConfig,
+    adapter: ModelAdapter,
+    callbacks: Callbacks | None = None,
+    *,
+    work_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train a LoRA on ``adapter``'s model as ``cfg`` says; returns where it went.
+
+    ``resume``: continue from the state saved under ``work_dir`` for ``cfg.save.output_name``
+    (written when ``save.save_state`` is on, and always when a run is stopped).
+    Raises ConfigError / DatasetError / IncompatibleModelError before touching the model.
+    """
+    cfg.validate()
+    work_dir = Path(work_dir) if work_dir else default_work_dir()
+    resume_state = load_resume_state(cfg, adapter.family, work_dir) if resume else None
+    seed = resume_state[1]["seed"] if resume_state else cfg.training.seed
+    run = _Run(cfg, adapter, callbacks or Callbacks(), work_dir, seed)
+    return run.execute(resume_state)
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig, adapter: ModelAdapter, callbacks: Callbacks, work_dir: Path, seed: int | None):
+        if adapter.family not in FAMILIES:
+            raise IncompatibleModelError(f"model family {adapter.family!r} is not supported (only {FAMILIES})")
+        if not cfg.save.output_dir:
+            raise ConfigError("save.output_dir", "no output folder set: name the folder the LoRA is written to")
+        self.cfg, self.adapter, self.callbacks, self.work_dir = cfg, adapter, callbacks, work_dir
+        self.output_dir = Path(cfg.save.output_dir)
+        self.state_dir = state_dir_for(work_dir, cfg.save.output_name)
+        self.device = adapter.device
+        self.seed = int(seed) if seed is not None else random.randint(0, 2**31 - 1)
+        self.session_id = random.randint(0, 2**32)
+        self.started_at = time.time()
+        self.step = 0
+        self.position = (1, 0)  # (epoch, next batch index) the run continues from
+
+        ds = cfg.dataset
+        self.items = scan_dataset(ds.train_data_dir, ds.caption_extension)
+        buckets = BucketSettings(
+            resolution=ds.resolution_wh,
+            enable_bucket=ds.enable_bucket,
+            min_bucket_reso=ds.min_bucket_reso,
+            max_bucket_reso=ds.max_bucket_reso,
+            bucket_reso_steps=ds.bucket_reso_steps,
+            bucket_no_upscale=ds.bucket_no_upscale,
+        )
+        self.dataset = TrainDataset(
+            self.items, buckets, batch_size=cfg.training.train_batch_size, flip_aug=ds.flip_aug, seed=self.seed
+        )
+        accum = cfg.training.gradient_accumulation_steps
+        self.steps_per_epoch = math.ceil(len(self.dataset) / accum)
+        if cfg.training.max_train_steps:
+            self.total_steps = cfg.training.max_train_steps
+        else:
+            self.total_steps = cfg.training.max_train_epochs * self.steps_per_epoch
+        self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+
+        self.mixed = cfg.training.mixed_precision
+        if self.device.type == "cpu" and self.mixed == "fp16":
+            logger.warning("fp16 mixed precision needs a GPU; training in fp32 on the CPU")
+            self.mixed = "no"
+        use_scaler = self.device.type == "cuda" and (
+            self.mixed == "fp16" or (self.mixed == "no" and adapter.dtype == torch.float16)
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.trigger_words = [w.strip() for w in ds.trigger_words if w.strip()]
+        self.cache_text = not cfg.network.train_text_encoder and not (
+            ds.shuffle_caption
+            or ds.caption_dropout_rate
+            or ds.caption_tag_dropout_rate
+            or ds.caption_dropout_every_n_epochs
+        )
+        self._text_cache: dict = {}
+        self.alphas = adapter.alphas_cumprod.to(self.device, torch.float32)
+        self.clip_skip = cfg.training.clip_skip or getattr(adapter, "default_clip_skip", 1)
+
+    # -- setup
+
+    def _build_network(self) -> None:
+        cfg, net = self.cfg, self.cfg.network
+        a = self.adapter
+        targets = find_targets(
+            a.family,
+            a.unet if net.train_unet else None,
+            a.text_encoders if net.train_text_encoder else None,
+            conv=net.conv_dim > 0,
+        )
+        self.network = LoRANetwork(
+            targets,
+            rank=net.network_dim,
+            alpha=net.network_alpha,
+            conv_rank=net.conv_dim,
+            conv_alpha=net.conv_alpha,
+            dropout=net.network_dropout,
+            rank_dropout=net.rank_dropout,
+            module_dropout=net.module_dropout,
+        )
+        groups = param_groups_for(
+            self.network.parameters_of(("unet",)),
+            self.network.parameters_of(TE_GROUPS),
+            cfg.optim.resolved_unet_lr,
+            cfg.optim.resolved_text_encoder_lr,
+        )
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = build_optimizer(
+            cfg.optim.optimizer_type, groups, cfg.optim.learning_rate, cfg.optim.optimizer_args
+        )
+        self.scheduler = build_scheduler(
+            cfg.optim.lr_scheduler,
+            self.optimizer,
+            num_training_steps=self.total_steps,
+            num_warmup_steps=cfg.optim.lr_warmup_steps,
+            num_cycles=cfg.optim.lr_scheduler_num_cycles,
+            power=cfg.optim.lr_scheduler_power,
+        )
+
+    def _cache_latents(self) -> None:
+        ds = self.cfg.dataset
+        if not ds.cache_latents:
+            return
+        cache = LatentCache(self.work_dir / "latents" if ds.cache_latents_to_disk else None)
+
+        def progress(done: int, total: int) -> None:
+            self.callbacks.on_status(f"Caching latents {done}/{total}")
+
+        self.dataset.cache_latents(cache, self.adapter.encode_images, vae_id=self._vae_id(), progress=progress)
+
+    def _vae_id(self) -> str:
+        a = self.adapter
+        return f"{a.family}/{a.model_hash or a.model_name}/{a.vae_name}"
+
+    # -- one batch
+
+    def _caption(self, caption: str, rng: random.Random, epoch: int) -> str:
+        ds = self.cfg.dataset
+        keep = ds.keep_tokens
+        if self.trigger_words:
+            rest = [t for t in split_tags(caption) if t not in self.trigger_words]
+            caption = ", ".join([*self.trigger_words, *rest])
+            keep = max(keep, len(self.trigger_words))
+        every = ds.caption_dropout_every_n_epochs
+        return process_caption(
+            caption,
+            rng,
+            shuffle=ds.shuffle_caption,
+            keep_tokens=keep,
+            caption_dropout_rate=ds.caption_dropout_rate,
+            caption_tag_dropout_rate=ds.caption_tag_dropout_rate,
+            drop_caption_this_epoch=bool(every) and epoch % every == 0,
+        )
+
+    def _encode_text(self, captions: list[str], size_cond: list[SizeCond] | None) -> Conditioning:
+        key = (tuple(captions), tuple(size_cond or ()))
+        if self.cache_text and key in self._text_cache:
+            return self._text_cache[key]
+        with torch.set_grad_enabled(self.cfg.network.train_text_encoder):
+            cond = self.adapter.encode_text(
+                captions,
+                clip_skip=self.clip_skip,
+                max_token_length=self.cfg.dataset.max_token_length,
+                size_cond=size_cond,
+            )
+        if self.cache_text:
+            self._text_cache[key] = cond = cond.detach()
+        return cond
+
+    def _loss(self, batch: dict, epoch: int) -> torch.Tensor:
+        cfg, a = self.cfg, self.adapter
+        seed = _derive(self.seed, epoch, batch["batch_index"])
+        rng = random.Random(seed)
+        gen = torch.Generator().manual_seed(seed)
+        if "latents" in batch:
+            latents = batch["latents"].to(self.device, torch.float32)
+        else:
+            latents = a.encode_images(batch["pixels"]).to(self.device, torch.float32)
+        captions = [self._caption(c, rng, epoch) for c in batch["captions"]]
+        size_cond = None
+        if a.family == "sdxl":
+            size_cond = [
+                SizeCond(tuple(o), tuple(c), tuple(t))
+                for o, c, t in zip(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"], strict=True)
+            ]
+        noise = objectives.sample_noise(latents, gen, cfg.training.noise_offset).to(self.device)
+        timesteps = objectives.sample_timesteps(latents.shape[0], gen).to(self.device)
+        noisy = objectives.add_noise(latents, noise, timesteps, self.alphas)
+        with self._autocast():
+            cond = self._encode_text(captions, size_cond).to(self.device)
+            pred = a.predict(noisy.to(a.dtype), timesteps, cond.to(dtype=a.dtype))
+        target = objectives.target_for(a.prediction_type, latents, noise, timesteps, self.alphas)
+        weights = None
+        if cfg.training.min_snr_gamma:
+            weights = objectives.min_snr_weight(
+                timesteps, self.alphas, cfg.training.min_snr_gamma, a.prediction_type == "v_prediction"
+            )
+        return objectives.loss_per_sample(pred.float(), target, weights).mean()
+
+    def _autocast(self):
+        dtype = _AUTOCAST.get(self.mixed)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _optimizer_step(self) -> None:
+        max_norm = self.cfg.optim.max_grad_norm
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- run
+
+    def execute(self, resume_state: tuple | None) -> TrainResult:
+        a = self.adapter
+        modules = [a.unet, *a.text_encoders.values()]
+        devices = [self.device] if self.device.type == "cuda" else []
+        result = TrainResult(None, 0, 0, False, None, seed=self.seed)
+        with torch.random.fork_rng(devices=devices), frozen_base(*modules):
+            torch.manual_seed(self.seed)
+            self._build_network()
+            if resume_state is not None:
+                self._restore(result, *resume_state)
+            self._cache_latents()
+            gc = checkpointed(unet_blocks(a.unet)) if self.cfg.training.gradient_checkpointing else None
+            with self.network.applied(), gc or contextlib.nullcontext():
+                self.network.train()
+                self._loop(result)
+        return result
+
+    def _loop(self, result: TrainResult) -> None:
+        cfg = self.cfg
+        self.meter = ProgressMeter(self.total_steps)
+        self.callbacks.on_start(self.total_steps, self.total_epochs)
+        epoch, first_batch = self.position
+        while self.step < self.total_steps and self._run_epoch(result, epoch, first_batch):
+            if cfg.save.save_every_n_epochs and epoch % cfg.save.save_every_n_epochs == 0:
+                self._save(result, f"{cfg.save.output_name}-{epoch:06d}", epoch)
+            if cfg.sample.sample_every_n_epochs and epoch % cfg.sample.sample_every_n_epochs == 0:
+                self._sample(epoch)
+            epoch, first_batch = epoch + 1, 0
+        result.steps, result.epochs = self.step, min(epoch, self.total_epochs)
+        if self.step == 0:
+            return
+        result.output_path = self._save(result, cfg.save.output_name, result.epochs, final=True)
+        if cfg.save.save_state or result.stopped_early:
+            result.state_dir = self._save_state(result)
+
+    def _run_epoch(self, result: TrainResult, epoch: int, first_batch: int) -> bool:
+        """Train on one epoch's batches from ``first_batch`` on; False if stopped or all steps are done."""
+        cfg = self.cfg
+        accum = cfg.training.gradient_accumulation_steps
+        last = len(self.dataset) - 1
+        loss_sum, micro = 0.0, 0
+        for batch in self.dataset.iter_epoch(epoch, first_batch):
+            if self.callbacks.should_stop():
+                result.stopped_early = True
+                self.optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation
+                return False
+            loss = self._loss(batch, epoch)
+            (self.scaler.scale(loss / accum) if self.scaler else loss / accum).backward()
+            loss_sum, micro = loss_sum + loss.item(), micro + 1
+            if micro < accum and batch["batch_index"] < last:
+                continue
+            self._optimizer_step()
+            self.step += 1
+            self.position = (epoch, batch["batch_index"] + 1)
+            result.losses.append(loss_sum / micro)
+            lrs = current_lrs(self.optimizer)
+            self.callbacks.on_step(self.meter.update(self.step, epoch, self.total_epochs, loss_sum / micro, lrs))
+            loss_sum, micro = 0.0, 0
+            if self.step >= self.total_steps:
+                return False
+            if cfg.save.save_every_n_steps and self.step % cfg.save.save_every_n_steps == 0:
+                self._save(result, f"{cfg.save.output_name}-step{self.step:08d}", epoch)
+            if cfg.sample.sample_every_n_steps and self.step % cfg.sample.sample_every_n_steps == 0:
+                self._sample(epoch)
+        return True
+
+    def _sample(self, epoch: int) -> None:
+        self.network.eval()
+        try:
+            with torch.no_grad():
+                self.callbacks.on_sample(self.step, epoch)
+        finally:
+            self.network.train()
+
+    # -- saving and resuming
+
+    def _info(self, epoch: int, stopped_early: bool) -> TrainingInfo:
+        cfg, a = self.cfg, self.adapter
+        ds, net, opt, tr = cfg.dataset, cfg.network, cfg.optim, cfg.training
+        comment = cfg.save.training_comment
+        if comment is None and self.trigger_words:
+            comment = "trigger words: " + ", ".join(self.trigger_words)
+        report = self.dataset.bucket_report
+        return TrainingInfo(
+            family=a.family,
+            output_name=cfg.save.output_name,
+            v_prediction=a.prediction_type == "v_prediction",
+            network_dim=net.network_dim,
+            network_alpha=net.network_alpha,
+            conv_dim=net.conv_dim or None,
+            conv_alpha=net.conv_alpha if net.conv_dim else None,
+            network_dropout=net.network_dropout or None,
+            rank_dropout=net.rank_dropout or None,
+            module_dropout=net.module_dropout or None,
+            resolution=ds.resolution_wh,
+            num_train_images=self.dataset.num_train_images,
+            num_batches_per_epoch=len(self.dataset),
+            tag_frequency=dataset_tag_frequency(self.items),
+            dataset_dirs=dataset_dirs_info(self.items),
+            bucket_info=report.to_metadata() if report is not None else None,
+            enable_bucket=ds.enable_bucket,
+            bucket_no_upscale=ds.bucket_no_upscale,
+            min_bucket_reso=ds.min_bucket_reso,
+            max_bucket_reso=ds.max_bucket_reso,
+            shuffle_caption=ds.shuffle_caption,
+            keep_tokens=ds.keep_tokens,
+            caption_dropout_rate=ds.caption_dropout_rate,
+            caption_dropout_every_n_epochs=ds.caption_dropout_every_n_epochs,
+            caption_tag_dropout_rate=ds.caption_tag_dropout_rate,
+            flip_aug=ds.flip_aug,
+            cache_latents=ds.cache_latents,
+            max_train_steps=self.total_steps,
+            num_epochs=self.total_epochs,
+            steps=self.step,
+            epoch=epoch,
+            learning_rate=opt.learning_rate,
+            unet_lr=opt.resolved_unet_lr if net.train_unet else None,
+            text_encoder_lr=opt.resolved_text_encoder_lr if net.train_text_encoder else None,
+            optimizer=optimizer_string(self.optimizer, opt.optimizer_args),
+            lr_scheduler=opt.lr_scheduler,
+            lr_warmup_steps=opt.lr_warmup_steps,
+            batch_size=tr.train_batch_size,
+            gradient_accumulation_steps=tr.gradient_accumulation_steps,
+            gradient_checkpointing=tr.gradient_checkpointing,
+            max_grad_norm=opt.max_grad_norm,
+            mixed_precision=self.mixed,
+            seed=self.seed,
+            clip_skip=self.clip_skip if a.family != "sdxl" else None,
+            max_token_length=ds.max_token_length,
+            noise_offset=tr.noise_offset or None,
+            min_snr_gamma=tr.min_snr_gamma or None,
+            training_comment=comment,
+            sd_model_name=a.model_name or None,
+            new_sd_model_hash=a.model_hash or None,
+            vae_name=a.vae_name or None,
+            session_id=self.session_id,
+            training_started_at=self.started_at,
+            stopped_early=stopped_early,
+            title=cfg.save.metadata_title,
+            author=cfg.save.metadata_author,
+            description=cfg.save.metadata_description,
+            tags=cfg.save.metadata_tags,
+        )
+
+    def _save(self, result: TrainResult, stem: str, epoch: int, final: bool = False) -> Path:
+        self.callbacks.on_status(f"Saving {stem}.safetensors")
+        metadata = build_metadata(self._info(epoch, stopped_early=final and result.stopped_early))
+        path = save_lora(
+            self.output_dir / f"{stem}.safetensors",
+            self.network.state_dict(),
+            metadata,
+            dtype=self.cfg.save.save_precision,
+            overwrite=self.cfg.save.overwrite,
+        )
+        if path.name != f"{stem}.safetensors":
+            logger.info("%s.safetensors exists; saved as %s", stem, path.name)
+        result.saved.append(path)
+        self.callbacks.on_save(path, final)
+        return path
+
+    def _save_state(self, result: TrainResult) -> Path:
+        epoch, next_batch = self.position
+        if next_batch >= len(self.dataset):
+            epoch, next_batch = epoch + 1, 0
+        state = {
+            "network": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
+        info = {
+            "version": __version__,
+            "family": self.adapter.family,
+            "config_hash": config_hash(self.cfg),
+            "seed": self.seed,
+            "step": self.step,
+            "epoch": epoch,
+            "next_batch": next_batch,
+            "losses": result.losses,
+        }
+        save_state(self.state_dir, state, info=info)
+        return self.state_dir
+
+    def _restore(self, result: TrainResult, state: dict, info: dict) -> None:
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        result.losses.extend(info.get("losses", []))
+        self.step = int(info["step"])
+        self.position = (int(info["epoch"]), int(info["next_batch"]))
+
+
+def load_resume_state(cfg: TrainConfig, family: str, work_dir: Path) -> tuple[dict, dict]:
+    """The state a stopped run left for ``cfg.save.output_name``, checked against ``cfg``."""
+    directory = state_dir_for(work_dir, cfg.save.output_name)
+    state, info = load_state(directory)
+    if info.get("family") != family:
+        raise StateFileError(
+            f"the saved state in {directory} is from a {info.get('family')} model, but the loaded model is {family}"
+        )
+    if info.get("config_hash") != config_hash(cfg):
+        raise StateFileError(
+            f"the settings differ from those of the run saved in {directory}: resume with the same settings "
+            "(only the number of steps or epochs, the output and the samples may change)"
+        )
+    return state, info
+
+
+def _derive(seed: int, *parts: int) -> int:
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """Hash of the settings that shape the optimisation: not its length, seed, output or samples."""
+    data = cfg.to_dict()
+    shaping = {group: data[group] for group in ("dataset", "network", "optim", "training")}
+    shaping["training"] = {k: v for k, v in shaping["training"].items() if k not in _LENGTH_AND_SEED}
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()
+
+
+_LENGTH_AND_SEED = ("max_train_epochs", "max_train_steps", "seed")

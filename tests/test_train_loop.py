@@ -1,0 +1,319 @@
+"""End-to-end training on tiny WebUI-shaped models (CPU): learning, safety, resume, files."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from lora_trainer.backends.base import SizeCond
+from lora_trainer.config import TrainConfig
+from lora_trainer.data.buckets import BucketSettings
+from lora_trainer.data.dataset import TrainDataset, scan_dataset
+from lora_trainer.errors import ConfigError, DatasetError
+from lora_trainer.io import load_lora
+from lora_trainer.naming import find_targets
+from lora_trainer.networks import network_from_weights
+from lora_trainer.train import objectives
+from lora_trainer.train.callbacks import Callbacks
+from lora_trainer.train.loop import train
+from tests.fixtures.webui_models import TinyAdapter
+
+
+def make_dataset(root, n=2, size=64, folder="2_subject"):
+    """n distinct images with captions in kohya's N_name layout."""
+    sub = root / folder
+    sub.mkdir(parents=True)
+    rng = random.Random(0)
+    for i in range(n):
+        img = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+        for x in range(0, size, 8):
+            img.putpixel((x, (x * (i + 3)) % size), (255, 255, 255))
+        img.save(sub / f"img{i}.png")
+        (sub / f"img{i}.txt").write_text(f"subject, photo {i}, red background")
+    return root
+
+
+def make_config(tmp_path, **overrides) -> TrainConfig:
+    data = make_dataset(tmp_path / "data") if not (tmp_path / "data").exists() else tmp_path / "data"
+    cfg = TrainConfig()
+    cfg.dataset.train_data_dir = str(data)
+    cfg.dataset.resolution = 64
+    cfg.dataset.enable_bucket = False
+    cfg.dataset.max_token_length = 75
+    cfg.network.network_dim = 4
+    cfg.network.network_alpha = 4
+    cfg.optim.optimizer_type = "AdamW"
+    cfg.optim.learning_rate = 1e-3
+    cfg.optim.lr_scheduler = "constant"
+    cfg.training.max_train_steps = 6
+    cfg.training.train_batch_size = 1
+    cfg.training.mixed_precision = "no"
+    cfg.training.seed = 1234
+    cfg.save.output_dir = str(tmp_path / "out")
+    cfg.save.output_name = "tiny"
+    for path, value in overrides.items():
+        group, name = path.split(".")
+        setattr(getattr(cfg, group), name, value)
+    return cfg
+
+
+def model_snapshot(adapter):
+    modules = {"unet": adapter.unet, **adapter.text_encoders}
+    tensors = {f"{g}.{k}": v.detach().clone() for g, m in modules.items() for k, v in m.state_dict().items()}
+    flags = {f"{g}.{n}": p.requires_grad for g, m in modules.items() for n, p in m.named_parameters()}
+    modes = {f"{g}.{n}": sm.training for g, m in modules.items() for n, sm in m.named_modules()}
+    return tensors, flags, modes
+
+
+def assert_model_unchanged(adapter, snapshot):
+    tensors, flags, modes = snapshot
+    now_tensors, now_flags, now_modes = model_snapshot(adapter)
+    assert now_tensors.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert now_tensors[k].dtype == v.dtype and torch.equal(now_tensors[k], v), k
+    assert now_flags == flags
+    assert now_modes == modes
+    for m in [adapter.unet, *adapter.text_encoders.values()]:
+        for name, sub in m.named_modules():
+            assert not sub._forward_hooks and not sub._forward_pre_hooks, name
+            assert "forward" not in sub.__dict__, name
+        assert all(p.grad is None for p in m.parameters())
+
+
+def fixed_eval_loss(adapter, cfg, lora_path=None, draws=12):
+    """Loss on fixed (noise, timestep) draws over the dataset's images, with an optional LoRA file."""
+    items = scan_dataset(cfg.dataset.train_data_dir)
+    fixed = BucketSettings(resolution=cfg.dataset.resolution_wh, enable_bucket=False)
+    ds = TrainDataset(items, fixed, batch_size=len(items))
+    ds_batch = ds.load_batch(list(range(len(items))))
+    network = None
+    if lora_path is not None:
+        state, _ = load_lora(lora_path)
+        network, unplaced = network_from_weights(state, adapter.family, adapter.unet, adapter.text_encoders)
+        assert unplaced == [] and len(network.state_dict()) == len(state)
+        network.eval()
+    gen = torch.Generator().manual_seed(99)
+    alphas = adapter.alphas_cumprod.float()
+    with torch.no_grad(), network.applied() if network else _null():
+        latents = adapter.encode_images(ds_batch["pixels"]).float()
+        sizes = [
+            SizeCond(o, c, t)
+            for o, c, t in zip(
+                ds_batch["original_sizes"], ds_batch["crop_top_lefts"], ds_batch["target_sizes"], strict=False
+            )
+        ]
+        cond = adapter.encode_text(ds_batch["captions"], size_cond=sizes if adapter.family == "sdxl" else None)
+        total = 0.0
+        for _ in range(draws):
+            noise = torch.randn(latents.shape, generator=gen)
+            t = torch.randint(0, 1000, (latents.shape[0],), generator=gen)
+            pred = adapter.predict(objectives.add_noise(latents, noise, t, alphas), t, cond)
+            target = objectives.target_for(adapter.prediction_type, latents, noise, t, alphas)
+            total += torch.nn.functional.mse_loss(pred.float(), target).item()
+    return total / draws
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize(
+    "family, prediction, conv_dim, lr",
+    [("sd1", "epsilon", 0, 3e-3), ("sd2", "v_prediction", 0, 3e-3), ("sdxl", "epsilon", 4, 1e-2)],
+)
+def test_loss_falls_on_tiny_overfit_task_and_model_is_untouched(tmp_path, family, prediction, conv_dim, lr):
+    """The tiny SDXL has attention only in its two lower levels: it learns through LoCon."""
+    adapter = TinyAdapter(family, prediction_type=prediction)
+    overrides = {"training.max_train_steps": 60, "optim.learning_rate": lr, "network.conv_dim": conv_dim}
+    cfg = make_config(tmp_path, **{**overrides, "network.conv_alpha": float(conv_dim or 1)})
+    before = fixed_eval_loss(adapter, cfg)
+    snapshot = model_snapshot(adapter)
+    result = train(cfg, adapter, work_dir=tmp_path / "work")
+    assert_model_unchanged(adapter, snapshot)
+    assert result.steps == 60 and not result.stopped_early
+    assert result.output_path == tmp_path / "out" / "tiny.safetensors" and result.output_path.is_file()
+    after = fixed_eval_loss(adapter, cfg, result.output_path)
+    assert after < 0.8 * before, (before, after)
+    assert fixed_eval_loss(adapter, cfg) == pytest.approx(before)  # file applied only inside the check
+
+
+def test_saved_file_keys_metadata_and_family(tmp_path):
+    adapter = TinyAdapter("sdxl")
+    cfg = make_config(tmp_path, **{"dataset.trigger_words": ["sks"]})
+    result = train(cfg, adapter, work_dir=tmp_path / "work")
+    state, meta = load_lora(result.output_path)
+    expected = {t.key for t in find_targets("sdxl", adapter.unet, adapter.text_encoders)}
+    assert {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state} == expected
+    assert all(v.dtype == torch.float16 for v in state.values())
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["ss_network_module"] == "networks.lora"
+    assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 4.0
+    assert meta["ss_steps"] == "6" and meta["ss_output_name"] == "tiny"
+    assert meta["ss_num_train_images"] == "4"  # 2 images x 2 repeats
+    assert "sks" in meta["ss_training_comment"]
+    assert '"subject"' in meta["ss_tag_frequency"] or "subject" in meta["ss_tag_frequency"]
+    assert len(meta["sshs_model_hash"]) == 64
+
+
+def test_never_overwrites_unless_told(tmp_path):
+    adapter = TinyAdapter("sd1")
+    cfg = make_config(tmp_path, **{"training.max_train_steps": 1})
+    first = train(cfg, adapter, work_dir=tmp_path / "work").output_path
+    original = first.read_bytes()
+    second = train(cfg, adapter, work_dir=tmp_path / "work").output_path
+    assert second != first and second.name == "tiny_1.safetensors"
+    assert first.read_bytes() == original
+    cfg.save.overwrite = True
+    third = train(cfg, adapter, work_dir=tmp_path / "work").output_path
+    assert third == first
+
+
+def test_exception_mid_training_leaves_model_untouched(tmp_path):
+    adapter = TinyAdapter("sd2")
+    cfg = make_config(tmp_path, **{"network.conv_dim": 2, "network.conv_alpha": 1.0})
+    snapshot = model_snapshot(adapter)
+
+    class Boom(Callbacks):
+        def on_step(self, info):
+            if info.step == 2:
+                raise RuntimeError("simulated out of memory")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(cfg, adapter, Boom(), work_dir=tmp_path / "work")
+    assert_model_unchanged(adapter, snapshot)
+    assert not list((tmp_path / "out").glob("*.safetensors")) if (tmp_path / "out").exists() else True
+
+
+class StopAfter(Callbacks):
+    def __init__(self, steps):
+        self.steps, self.done = steps, 0
+        self.infos = []
+
+    def on_step(self, info):
+        self.done = info.step
+        self.infos.append(info)
+
+    def should_stop(self):
+        return self.done >= self.steps
+
+
+@pytest.fixture
+def one_thread():
+    """Multi-threaded CPU kernels reduce in varying order; bit-exact comparisons need one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_resume_continues_exactly(tmp_path, family, one_thread):
+    overrides = {
+        "training.max_train_steps": 8,
+        "training.gradient_accumulation_steps": 2,
+        "dataset.shuffle_caption": True,
+        "dataset.caption_tag_dropout_rate": 0.2,
+        "network.network_dropout": 0.1,
+        "optim.lr_scheduler": "cosine",
+        "dataset.cache_latents": False,
+    }
+    full_cfg = make_config(tmp_path / "a", **overrides)
+    full = train(full_cfg, TinyAdapter(family), work_dir=tmp_path / "a" / "work")
+
+    cfg = make_config(tmp_path / "b", **overrides)
+    stopper = StopAfter(3)
+    partial = train(cfg, TinyAdapter(family), stopper, work_dir=tmp_path / "b" / "work")
+    assert partial.stopped_early and partial.steps == 3 and partial.state_dir is not None
+    _, meta = load_lora(partial.output_path)
+    assert meta["lora_train.stopped_early"] == "True"
+    cfg.save.overwrite = True
+    resumed = train(cfg, TinyAdapter(family), work_dir=tmp_path / "b" / "work", resume=True)
+    assert resumed.steps == 8
+    assert resumed.losses == full.losses
+    a, _ = load_lora(full.output_path)
+    b, _ = load_lora(resumed.output_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    cfg = make_config(tmp_path)
+    train(cfg, TinyAdapter("sd1"), StopAfter(2), work_dir=tmp_path / "work")
+    cfg.network.network_dim = 8
+    with pytest.raises(Exception, match="settings differ"):
+        train(cfg, TinyAdapter("sd1"), work_dir=tmp_path / "work", resume=True)
+
+
+def test_progress_callback_reports_step_lr_and_eta(tmp_path):
+    cb = StopAfter(10**9)
+    train(make_config(tmp_path, **{"optim.lr_scheduler": "linear"}), TinyAdapter("sd1"), cb, work_dir=tmp_path / "w")
+    assert [i.step for i in cb.infos] == list(range(1, 7))
+    assert all(i.total_steps == 6 for i in cb.infos)
+    assert cb.infos[-1].eta_s == 0 and cb.infos[0].steps_per_s > 0
+    assert set(cb.infos[0].lrs) == {"unet", "text_encoder"}
+    assert cb.infos[0].lrs["unet"] > cb.infos[-1].lrs["unet"]  # linear decay
+    assert [i.epoch for i in cb.infos] == [1, 1, 1, 1, 2, 2]  # 4 batches per epoch
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    plain = train(make_config(tmp_path / "a"), TinyAdapter("sd1"), work_dir=tmp_path / "a" / "w")
+    adapter = TinyAdapter("sd1")
+    snapshot = model_snapshot(adapter)
+    ckpt = train(
+        make_config(tmp_path / "b", **{"training.gradient_checkpointing": True}), adapter, work_dir=tmp_path / "b" / "w"
+    )
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert_model_unchanged(adapter, snapshot)
+
+
+def test_unet_only_writes_no_text_encoder_keys(tmp_path):
+    result = train(
+        make_config(tmp_path, **{"network.train_text_encoder": False}), TinyAdapter("sd2"), work_dir=tmp_path / "w"
+    )
+    state, _ = load_lora(result.output_path)
+    assert state and all(k.startswith("lora_unet_") for k in state)
+
+
+def test_text_encoder_lora_trains(tmp_path):
+    result = train(make_config(tmp_path), TinyAdapter("sd2"), work_dir=tmp_path / "w")
+    state, _ = load_lora(result.output_path)
+    te_up = [v for k, v in state.items() if k.startswith("lora_te_") and k.endswith("lora_up.weight")]
+    assert te_up and all(v.abs().sum() > 0 for v in te_up)  # q/k/v of the fused attention included
+    assert any("self_attn_q_proj" in k for k in state)
+
+
+@pytest.mark.parametrize("optimizer, lr", [("Lion", 1e-4), ("Prodigy", 1.0), ("Adafactor", 1e-3)])
+def test_other_optimizers_train(tmp_path, optimizer, lr):
+    cfg = make_config(tmp_path, **{"optim.optimizer_type": optimizer, "optim.learning_rate": lr})
+    result = train(cfg, TinyAdapter("sd1"), work_dir=tmp_path / "w")
+    assert result.steps == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_bf16_autocast_and_min_snr_and_noise_offset_run(tmp_path):
+    cfg = make_config(
+        tmp_path,
+        **{"training.mixed_precision": "bf16", "training.min_snr_gamma": 5.0, "training.noise_offset": 0.05},
+    )
+    result = train(cfg, TinyAdapter("sdxl"), work_dir=tmp_path / "w")
+    assert result.steps == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_bad_inputs_fail_before_touching_the_model(tmp_path):
+    adapter = TinyAdapter("sd1")
+    cfg = make_config(tmp_path)
+    cfg.network.network_dim = 0
+    with pytest.raises(ConfigError, match="network_dim"):
+        train(cfg, adapter, work_dir=tmp_path / "w")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = dataclasses.replace(make_config(tmp_path))
+    cfg.dataset.train_data_dir = str(empty)
+    with pytest.raises(DatasetError):
+        train(cfg, adapter, work_dir=tmp_path / "w")
