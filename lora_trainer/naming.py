@@ -212,3 +212,81 @@ def find_targets(
             raise IncompatibleModelError(f"two layers map to the same LoRA key {t.key!r}")
         seen.add(t.key)
     return targets
+
+
+# -- the key lists of the full-size models, without a model (for checking files)
+
+_TE_LAYERS = {"sd1": (("lora_te", 12),), "sd2": (("lora_te", 23),), "sdxl": (("lora_te1", 12), ("lora_te2", 32))}
+_TE_PARTS = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
+_ATTN_PARTS = (
+    *(f"{a}_{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out_0")),
+    "ff_net_0_proj",
+    "ff_net_2",
+)
+
+
+def _attention_keys(prefix: str, depth: int) -> list[str]:
+    keys = [f"{prefix}_proj_in", f"{prefix}_proj_out"]
+    return keys + [f"{prefix}_transformer_blocks_{b}_{p}" for b in range(depth) for p in _ATTN_PARTS]
+
+
+def _resnet_keys(prefix: str, shortcut: bool, sdxl: bool) -> list[str]:
+    """conv1, conv2, time embedding and, where channels change, the 1x1 shortcut."""
+    parts = [p.replace(".", "_") for p in _RESNET_RENAMES] if sdxl else list(_RESNET_RENAMES.values())
+    return [f"{prefix}_{p}" for p in parts[: 4 if shortcut else 3]]
+
+
+def kohya_names(family: str, conv: bool = True) -> list[str]:
+    """kohya's module names for the full-size SD1/SD2/SDXL base models (``conv``: with conv_dim).
+
+    Built from the architectures' layouts alone, for checking files without a model;
+    the golden tests hold it equal to kohya's own lists.
+    """
+    keys = [
+        f"{p}_text_model_encoder_layers_{i}_{part}"
+        for p, n in _TE_LAYERS[family]
+        for i in range(n)
+        for part in _TE_PARTS
+    ]
+    if family == "sdxl":
+        depth = {1: 2, 2: 10}  # transformer depth per level (level 0 has none)
+        for n in range(1, 9):  # input_blocks: 2 per level, a downsampler after levels 0 and 1
+            level, i = divmod(n - 1, 3)
+            if i == 2:
+                keys += [f"lora_unet_input_blocks_{n}_0_op"] if conv else []
+                continue
+            if level in depth:
+                keys += _attention_keys(f"lora_unet_input_blocks_{n}_1", depth[level])
+            keys += _resnet_keys(f"lora_unet_input_blocks_{n}_0", n in (4, 7), True) if conv else []
+        keys += _attention_keys("lora_unet_middle_block_1", 10)
+        keys += [k for r in (0, 2) for k in _resnet_keys(f"lora_unet_middle_block_{r}", False, True)] if conv else []
+        for n in range(9):  # output_blocks: 3 per level from the deepest, an upsampler closing levels 2 and 1
+            level = 2 - n // 3
+            if level in depth:
+                keys += _attention_keys(f"lora_unet_output_blocks_{n}_1", depth[level])
+            if conv:
+                keys += _resnet_keys(f"lora_unet_output_blocks_{n}_0", True, True)
+                if n in (2, 5):
+                    keys.append(f"lora_unet_output_blocks_{n}_2_conv")
+        return keys
+    for b in range(4):  # SD1/SD2, diffusers names: attention in levels 0-2, one transformer block each
+        if b < 3:
+            keys += [k for i in range(2) for k in _attention_keys(f"lora_unet_down_blocks_{b}_attentions_{i}", 1)]
+        if conv:
+            keys += [
+                k
+                for i in range(2)
+                for k in _resnet_keys(f"lora_unet_down_blocks_{b}_resnets_{i}", i == 0 and b in (1, 2), False)
+            ]
+            keys += [f"lora_unet_down_blocks_{b}_downsamplers_0_conv"] if b < 3 else []
+    keys += _attention_keys("lora_unet_mid_block_attentions_0", 1)
+    keys += (
+        [k for r in range(2) for k in _resnet_keys(f"lora_unet_mid_block_resnets_{r}", False, False)] if conv else []
+    )
+    for b in range(4):
+        if b > 0:
+            keys += [k for i in range(3) for k in _attention_keys(f"lora_unet_up_blocks_{b}_attentions_{i}", 1)]
+        if conv:
+            keys += [k for i in range(3) for k in _resnet_keys(f"lora_unet_up_blocks_{b}_resnets_{i}", True, False)]
+            keys += [f"lora_unet_up_blocks_{b}_upsamplers_0_conv"] if b < 3 else []
+    return keys

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_trainer.naming import find_targets
+from lora_trainer.naming import find_targets, kohya_names
 from lora_trainer.networks import LoRANetwork
 from tests.fixtures.webui_models import build_webui_model, components
 
@@ -75,3 +75,11 @@ def test_unet_only_and_text_encoder_only_split_the_key_set(full_model):
     assert unet_only | te_only == everything and not unet_only & te_only
     assert all(k.startswith("lora_unet_") for k in unet_only)
     assert all(k.startswith("lora_te") for k in te_only)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("conv", [False, True], ids=["default", "conv_dim"])
+def test_kohya_names_without_a_model_equal_kohya(family, conv):
+    names = kohya_names(family, conv=conv)
+    assert len(names) == len(set(names))
+    assert set(names) == {m["kohya"] for m in golden(family) if conv or not m["conv_dim_only"]}
