@@ -317,3 +317,35 @@ def test_bad_inputs_fail_before_touching_the_model(tmp_path):
     cfg.dataset.train_data_dir = str(empty)
     with pytest.raises(DatasetError):
         train(cfg, adapter, work_dir=tmp_path / "w")
+
+
+@pytest.mark.parametrize("mixed", ["bf16", "no"])
+def test_half_precision_base_model_trains_in_fp32_and_is_left_bit_identical(tmp_path, mixed):
+    """The WebUI holds the model in half precision; LoRA weights still train in fp32."""
+    adapter = TinyAdapter("sd1", dtype=torch.bfloat16)
+    snapshot = model_snapshot(adapter)
+    cfg = make_config(tmp_path, **{"training.mixed_precision": mixed, "training.max_train_steps": 2})
+    result = train(cfg, adapter, work_dir=tmp_path / "w")
+    assert_model_unchanged(adapter, snapshot)
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    state, _ = load_lora(result.output_path)
+    assert any(v.abs().sum() > 0 for k, v in state.items() if k.endswith("lora_up.weight"))
+
+
+def test_save_every_n_epochs_and_steps(tmp_path):
+    # 4 batches per epoch, 10 steps: epochs 1 and 2 end at steps 4 and 8
+    cfg = make_config(
+        tmp_path, **{"training.max_train_steps": 10, "save.save_every_n_epochs": 1, "save.save_every_n_steps": 3}
+    )
+    result = train(cfg, TinyAdapter("sd1"), work_dir=tmp_path / "w")
+    names = [p.name for p in result.saved]
+    assert names == [
+        "tiny-step00000003.safetensors",
+        "tiny-000001.safetensors",
+        "tiny-step00000006.safetensors",
+        "tiny-000002.safetensors",
+        "tiny-step00000009.safetensors",
+        "tiny.safetensors",
+    ]
+    steps = [load_lora(p)[1]["ss_steps"] for p in result.saved]
+    assert steps == ["3", "4", "6", "8", "9", "10"]
