@@ -262,14 +262,14 @@ def test_progress_callback_reports_step_lr_and_eta(tmp_path):
     assert [i.epoch for i in cb.infos] == [1, 1, 1, 1, 2, 2]  # 4 batches per epoch
 
 
-def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, one_thread):
     plain = train(make_config(tmp_path / "a"), TinyAdapter("sd1"), work_dir=tmp_path / "a" / "w")
     adapter = TinyAdapter("sd1")
     snapshot = model_snapshot(adapter)
     ckpt = train(
         make_config(tmp_path / "b", **{"training.gradient_checkpointing": True}), adapter, work_dir=tmp_path / "b" / "w"
     )
-    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-6)
     assert_model_unchanged(adapter, snapshot)
 
 

@@ -246,6 +246,10 @@ def _adafactor(param_groups, lr, kwargs):
 
 
 def _adamw(param_groups, lr, kwargs):
+    # The fused kernel updates every LoRA tensor in one pass (CPU and CUDA); the per-tensor
+    # loop costs about a fifth of a tiny model's step.
+    if "foreach" not in kwargs and "fused" not in kwargs:
+        kwargs = {**kwargs, "fused": True}
     return torch.optim.AdamW(param_groups, lr=lr, **kwargs)
 
 

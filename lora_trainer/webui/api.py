@@ -1,0 +1,305 @@
+"""REST API: train LoRAs over HTTP, under ``/lora-train/v1``.
+
+Routes (JSON in and out)::
+
+    GET  /lora-train/v1/schema              JSON schema of the config (TrainConfig.to_dict() shape)
+    GET  /lora-train/v1/presets             [{name, description, source, config}]
+    GET  /lora-train/v1/model               the loaded model: {family, checkpoint, vae, problem}
+    POST /lora-train/v1/jobs                start a job -> 202 with its status
+    GET  /lora-train/v1/jobs                every job kept, oldest first
+    GET  /lora-train/v1/jobs/{id}           one job; ?losses=true adds the loss of every step
+    POST /lora-train/v1/jobs/{id}/cancel    ask a job to stop (it saves what it trained) -> 202
+
+``POST /jobs`` takes either the config itself (``{"dataset": {...}, "network": {...}, ...}``,
+missing settings take their defaults) or ``{"preset": name, "config": {...overrides}}``, plus
+``"resume": true`` to continue a stopped run.
+
+Every error is ``{"error": message, "field": dotted setting or null}``: 422 for an invalid
+setting or dataset, 409 when a job is already running or the loaded model cannot be trained,
+503 when no model is loaded, 404 for an unknown job, 401 without valid credentials, 500 with a
+one-line message for anything unexpected (details go to the log, never to the client).
+
+Authentication follows the WebUI's ``--api-auth user:pass[,user2:pass2]`` (``modules/api/api.py``):
+HTTP Basic, passwords compared in constant time, 401 with ``WWW-Authenticate: Basic``.
+
+This module imports neither gradio nor the WebUI: it only needs a :class:`JobManager`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import dataclasses
+import math
+import secrets
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from ..config import TrainConfig, get_preset, list_presets, load_preset
+from ..errors import ConfigError, DatasetError, IncompatibleModelError, LoraTrainerError
+from ..jobs import JobBusyError, JobManager, UnknownJobError
+from ..log import logger
+
+__all__ = ["PREFIX", "ApiError", "config_from_request", "create_router", "mount", "parse_credentials"]
+
+PREFIX = "/lora-train/v1"
+_START_BODY = (
+    'The settings as GET /schema describes them, or {"preset": name, "config": overrides}; '
+    'plus "resume": true to continue a stopped run.'
+)
+
+
+class ApiError(Exception):
+    """An error response: status, message and the offending field (if any)."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field, self.headers = status, message, field, headers
+
+
+def parse_credentials(spec: str | Mapping[str, str] | None) -> dict[str, str] | None:
+    """``"user:pass,user2:pass2"`` (the WebUI's ``--api-auth``) or a mapping -> {user: password}.
+
+    None or empty -> None (no authentication). A malformed entry raises ValueError.
+    """
+    if not spec:
+        return None
+    if isinstance(spec, Mapping):
+        return {str(user): str(password) for user, password in spec.items()}
+    credentials = {}
+    for entry in str(spec).split(","):
+        user, sep, password = entry.strip().partition(":")
+        if not sep or not user:
+            raise ValueError("each --api-auth entry must be user:password")
+        credentials[user] = password
+    return credentials or None
+
+
+def _authorized(request: Request, credentials: Mapping[str, str]) -> bool:
+    scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic" or not encoded:
+        return False
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    user, sep, password = decoded.partition(":")
+    if not sep:
+        return False
+    ok = False
+    for known_user, known_password in credentials.items():  # every entry, so timing does not tell users apart
+        same_user = secrets.compare_digest(user.encode(), known_user.encode())
+        same_password = secrets.compare_digest(password.encode(), known_password.encode())
+        ok = ok or (same_user and same_password)
+    return ok
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON-safe copy: NaN and infinities (a diverged loss, an unknown ETA) become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _error_body(message: str, field: str | None = None) -> dict[str, Any]:
+    return {"error": message, "field": field}
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = next((part.strip() for part in str(text).splitlines() if part.strip()), "")
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+    return ApiError(422, f"invalid request: {first.get('msg', 'malformed')}", ".".join(loc) or None)
+
+
+def _to_api_error(exc: Exception) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ConfigError):
+        return ApiError(422, exc.message, exc.field)
+    if isinstance(exc, DatasetError):
+        return ApiError(422, str(exc))
+    if isinstance(exc, JobBusyError):
+        return ApiError(409, str(exc))
+    if isinstance(exc, UnknownJobError):
+        return ApiError(404, str(exc.args[0]) if exc.args else "no such job")
+    if isinstance(exc, IncompatibleModelError):
+        return ApiError(409, str(exc))
+    if isinstance(exc, RequestValidationError):
+        return _validation_error(exc)
+    if isinstance(exc, HTTPException):
+        return ApiError(exc.status_code, _one_line(exc.detail), headers=getattr(exc, "headers", None))
+    if isinstance(exc, LoraTrainerError):
+        return ApiError(400, _one_line(str(exc)))
+    logger.exception("REST API: unexpected error")
+    return ApiError(500, f"internal error: {type(exc).__name__}: {_one_line(str(exc))}")
+
+
+def _respond(error: ApiError) -> JSONResponse:
+    return JSONResponse(_error_body(error.message, error.field), status_code=error.status, headers=error.headers)
+
+
+def _route_class(credentials: Mapping[str, str] | None) -> type[APIRoute]:
+    """Routes that check credentials before anything else and answer every error as JSON."""
+
+    class GuardedRoute(APIRoute):
+        def get_route_handler(self) -> Callable:
+            handler = super().get_route_handler()
+
+            async def guarded(request: Request):
+                if credentials and not _authorized(request, credentials):
+                    return _respond(
+                        ApiError(401, "Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
+                    )
+                try:
+                    return await handler(request)
+                except Exception as exc:  # translated at the edge; nothing else escapes
+                    return _respond(_to_api_error(exc))
+
+            return guarded
+
+    return GuardedRoute
+
+
+def config_from_request(payload: Any, preset_dir: str | Path | None = None) -> tuple[TrainConfig, bool]:
+    """``(config, resume)`` from a ``POST /jobs`` body; ConfigError names the offending field."""
+    if not isinstance(payload, Mapping):
+        raise ConfigError("config", "the request body must be a JSON object (the settings, or a preset and overrides)")
+    data = dict(payload)
+    resume = data.pop("resume", False)
+    if not isinstance(resume, bool):
+        raise ConfigError("resume", "must be true or false")
+    if "preset" not in data and "config" not in data:
+        return TrainConfig.from_dict(data), resume
+    extra = sorted(set(data) - {"preset", "config"})
+    if extra:
+        raise ConfigError(extra[0], "unexpected beside 'preset'/'config': put settings inside 'config'")
+    overrides = data.get("config") or {}
+    if not isinstance(overrides, Mapping):
+        raise ConfigError("config", 'must be an object of setting groups, e.g. {"network": {"network_dim": 16}}')
+    name = data.get("preset")
+    if name is None:
+        return TrainConfig.from_dict(overrides), resume
+    if not isinstance(name, str):
+        raise ConfigError("preset", "must be a preset name (see GET /presets)")
+    merged = copy.deepcopy(load_preset(name, preset_dir).to_dict())
+    for group, section in overrides.items():
+        if isinstance(section, Mapping) and isinstance(merged.get(group), dict):
+            merged[group].update(section)
+        else:
+            merged[group] = section  # from_dict reports the unknown group or the wrong type
+    return TrainConfig.from_dict(merged), resume
+
+
+def create_router(
+    manager: JobManager,
+    *,
+    auth: str | Mapping[str, str] | None = None,
+    preset_dir: str | Path | None = None,
+) -> APIRouter:
+    """The API's routes over ``manager``; ``auth`` as the WebUI's ``--api-auth`` (or a mapping).
+
+    ``preset_dir``: where user presets are read (default: ``<host work dir>/presets``, as the tab).
+    """
+    credentials = parse_credentials(auth)
+    presets_at = Path(preset_dir) if preset_dir is not None else Path(manager.host.work_dir) / "presets"
+    router = APIRouter(prefix=PREFIX, tags=["LoRA training"], route_class=_route_class(credentials))
+
+    def job_json(job, *, losses: bool = False, status: int = 200) -> JSONResponse:
+        return JSONResponse(_jsonable(job.to_dict(with_losses=losses)), status_code=status)
+
+    @router.get("/schema", summary="JSON schema of the training config")
+    def schema() -> JSONResponse:
+        return JSONResponse(_jsonable(TrainConfig.json_schema()))
+
+    @router.get("/presets", summary="Built-in and user presets")
+    def presets() -> JSONResponse:
+        out = []
+        for name in list_presets(presets_at):
+            try:
+                preset = get_preset(name, presets_at)
+            except ConfigError as e:  # a broken user file must not hide the others
+                out.append({"name": name, "error": str(e)})
+                continue
+            out.append(
+                {
+                    "name": name,
+                    "description": preset.description,
+                    "source": "builtin" if preset.source == "builtin" else "user",
+                    "config": preset.config.to_dict(),
+                }
+            )
+        return JSONResponse(_jsonable(out))
+
+    @router.get("/model", summary="The loaded model and whether it can be trained")
+    def model() -> JSONResponse:
+        return JSONResponse(_jsonable(dataclasses.asdict(manager.host.model_info())))
+
+    @router.post(
+        "/jobs",
+        status_code=202,
+        summary="Start training",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object", "description": _START_BODY}}},
+            }
+        },
+    )
+    async def start(request: Request) -> JSONResponse:
+        try:
+            payload = await request.json()
+        except ValueError:
+            raise ApiError(422, "the request body is not valid JSON") from None
+        cfg, resume = config_from_request(payload, presets_at)
+        try:
+            job = await run_in_threadpool(manager.start, cfg, resume=resume)
+        except IncompatibleModelError as e:
+            info = await run_in_threadpool(manager.host.model_info)
+            raise ApiError(409 if info.checkpoint else 503, str(e)) from None
+        return job_json(job, status=202)
+
+    @router.get("/jobs", summary="Every job kept, oldest first")
+    def jobs() -> JSONResponse:
+        return JSONResponse(_jsonable([job.to_dict(with_losses=False) for job in manager.list()]))
+
+    @router.get("/jobs/{job_id}", summary="One job's status")
+    def job(job_id: str, losses: bool = False) -> JSONResponse:
+        return job_json(manager.get(job_id), losses=losses)
+
+    @router.post("/jobs/{job_id}/cancel", status_code=202, summary="Ask a job to stop (it saves what it trained)")
+    def cancel(job_id: str) -> JSONResponse:
+        return job_json(manager.cancel(job_id), status=202)
+
+    return router
+
+
+def mount(
+    app: FastAPI,
+    manager: JobManager,
+    *,
+    auth: str | Mapping[str, str] | None = None,
+    preset_dir: str | Path | None = None,
+) -> APIRouter:
+    """Add the API's routes to ``app`` (the WebUI's FastAPI app in ``on_app_started``)."""
+    router = create_router(manager, auth=auth, preset_dir=preset_dir)
+    app.include_router(router)
+    return router
