@@ -272,7 +272,7 @@ class DatasetConfig(_Group):
         False,
         label="Cache latents to disk",
         kohya="cache_latents_to_disk",
-        help="Keep the latent cache in files beside the images so the next run reuses it (needs 'Cache latents').",
+        help="Keep the latent cache in files (in the extension's work folder, never beside your images) so the next run reuses it (needs 'Cache latents').",
     )
 
     @property
