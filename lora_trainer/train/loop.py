@@ -38,6 +38,7 @@ from ..naming import find_targets
 from ..networks import LoRANetwork
 from . import objectives
 from .callbacks import Callbacks, ProgressMeter, TrainResult
+from .flat import ELEMENTWISE_OPTIMIZERS, flatten, zero_flat_grads
 from .guard import checkpointed, frozen_base, unet_blocks
 from .optim import build_optimizer, build_scheduler, current_lrs, param_groups_for
 
@@ -154,11 +155,14 @@ class _Run:
             rank_dropout=net.rank_dropout,
             module_dropout=net.module_dropout,
         )
+        unet_params = self.network.parameters_of(("unet",))
+        te_params = self.network.parameters_of(TE_GROUPS)
+        self.flats: list[torch.nn.Parameter] = []
+        if cfg.optim.optimizer_type.lower() in ELEMENTWISE_OPTIMIZERS:
+            unet_params, te_params = ([flatten(ps)] if ps else [] for ps in (unet_params, te_params))
+            self.flats = unet_params + te_params
         groups = param_groups_for(
-            self.network.parameters_of(("unet",)),
-            self.network.parameters_of(TE_GROUPS),
-            cfg.optim.resolved_unet_lr,
-            cfg.optim.resolved_text_encoder_lr,
+            unet_params, te_params, cfg.optim.resolved_unet_lr, cfg.optim.resolved_text_encoder_lr
         )
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = build_optimizer(
@@ -271,7 +275,13 @@ class _Run:
         else:
             self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
+
+    def _zero_grad(self) -> None:
+        if self.flats:
+            zero_flat_grads(self.flats)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
 
     # -- run
 
@@ -319,7 +329,7 @@ class _Run:
         for batch in self.dataset.iter_epoch(epoch, first_batch):
             if self.callbacks.should_stop():
                 result.stopped_early = True
-                self.optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation
+                self._zero_grad()  # drop a partial accumulation
                 return False
             loss = self._loss(batch, epoch)
             (self.scaler.scale(loss / accum) if self.scaler else loss / accum).backward()

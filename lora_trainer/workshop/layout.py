@@ -1,0 +1,125 @@
+"""Where things are in a workspace.
+
+::
+
+    <workspace>/
+        10_mychar/              <- kohya concept folder: <repeats>_<concept>
+            img1.png
+            img1.txt            <- its caption, the one caption store training reads
+        .workshop/              <- our state (hidden: the dataset scan skips it)
+            state.json          <- name, creation time, import history
+            hashes.json         <- cached content and perceptual hashes
+            undo.json           <- captions before the last bulk edit
+            quarantine/<rel>    <- files clean() could not use (corrupt, too large ...)
+            removed/<rel>       <- exact duplicates removed by find_duplicates(remove_exact=True)
+            originals/<rel>     <- full-size images before resize_fixed()
+
+Nothing is ever deleted for good: files the workshop takes out of the dataset are moved under
+``.workshop/`` with their captions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+
+from lora_trainer.errors import DatasetError
+from lora_trainer.workshop.fsutil import CAPTION_EXT, is_hidden_name, unique_stem
+from lora_trainer.workshop.importer import SOURCE_IMAGE_EXTENSIONS, parse_concept_folder
+
+__all__ = [
+    "STATE_DIR",
+    "caption_path",
+    "concept_folders",
+    "is_image_name",
+    "iter_images",
+    "move_aside",
+    "rel_path",
+    "resolve_image",
+    "state_dir",
+]
+
+STATE_DIR = ".workshop"
+
+
+def state_dir(root: Path, *sub: str) -> Path:
+    return root.joinpath(STATE_DIR, *sub)
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in SOURCE_IMAGE_EXTENSIONS
+
+
+def caption_path(image: Path) -> Path:
+    """The ``.txt`` caption file of ``image``."""
+    return image.with_suffix(CAPTION_EXT)
+
+
+def concept_folders(root: Path) -> list[tuple[Path, int, str]]:
+    """(folder, repeats, concept) of the workspace's ``<N>_<concept>`` folders, by name."""
+    out = []
+    if not root.is_dir():
+        return out
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if is_hidden_name(entry.name) or not entry.is_dir():
+            continue
+        parsed = parse_concept_folder(entry.name)
+        if parsed is not None:
+            out.append((Path(entry.path), parsed[0], parsed[1]))
+    return out
+
+
+def iter_images(root: Path) -> list[Path]:
+    """Every image in the concept folders (subfolders included, hidden ones skipped), sorted."""
+    out: list[Path] = []
+    for folder, _, _ in concept_folders(root):
+        stack = [folder]
+        while stack:
+            current = stack.pop()
+            try:
+                entries = sorted(os.scandir(current), key=lambda e: e.name)
+            except OSError:
+                continue
+            for entry in entries:
+                if is_hidden_name(entry.name):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif is_image_name(entry.name):
+                    out.append(Path(entry.path))
+    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+
+
+def rel_path(root: Path, path: Path) -> str:
+    """``path`` relative to the workspace, posix style (the id the UI uses for an image)."""
+    return path.relative_to(root).as_posix()
+
+
+def resolve_image(root: Path, rel: str) -> Path:
+    """The image file for a workspace-relative id; :class:`DatasetError` for ids that point
+    outside the workspace, into ``.workshop/``, or at no image."""
+    pure = PurePosixPath(str(rel).replace("\\", "/"))
+    if pure.is_absolute() or not pure.parts or any(p in ("..", "") for p in pure.parts) or ":" in pure.parts[0]:
+        raise DatasetError(f"{rel!r} is not an image of this workspace (use the ids that images() returns).")
+    if is_hidden_name(pure.parts[0]):
+        raise DatasetError(f"{rel!r} is not an image of this workspace (use the ids that images() returns).")
+    path = root.joinpath(*pure.parts)
+    if not is_image_name(path.name) or not path.is_file():
+        raise DatasetError(f"No image {rel!r} in workspace {root}; reload the image list.")
+    return path
+
+
+def move_aside(root: Path, image: Path, area: str) -> str:
+    """Move ``image`` and its caption to ``.workshop/<area>/<same relative path>`` (a unique name
+    there); return the new workspace-relative path of the image."""
+    rel = image.relative_to(root)
+    dest_dir = state_dir(root, area, *rel.parent.parts)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    taken = {os.path.splitext(n)[0].lower() for n in os.listdir(dest_dir)}
+    stem = unique_stem(image.stem, taken)
+    dest = dest_dir / (stem + image.suffix)
+    os.replace(image, dest)
+    cap = caption_path(image)
+    if cap.exists():
+        os.replace(cap, dest.with_suffix(CAPTION_EXT))
+    return dest.relative_to(root).as_posix()

@@ -1,0 +1,102 @@
+"""Exact and near duplicates: flagged, not removed, unless remove_exact."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from lora_trainer.errors import DatasetError
+from lora_trainer.workshop import Workspace
+from lora_trainer.workshop.dedupe import dhash, hamming
+from tests.test_workshop_helpers import pattern, save
+
+
+@pytest.fixture
+def ws(tmp_path):
+    ws = Workspace.create(tmp_path / "w", "ds")
+    d = ws.path / "1_c"
+    base = save(pattern((256, 192), seed=1), d / "base.png")
+    shutil.copyfile(base, d / "exact_copy.png")
+    (d / "exact_copy.txt").write_text("different caption", encoding="utf-8")
+    (d / "base.txt").write_text("base caption", encoding="utf-8")
+    buf = io.BytesIO()
+    pattern((256, 192), seed=1).resize((200, 150), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=70)
+    (d / "smaller_reencoded.jpg").write_bytes(buf.getvalue())
+    save(pattern((256, 192), seed=2), d / "different.png")
+    save(Image.new("RGB", (64, 64), (250, 250, 250)), d / "flat_white.png")
+    save(Image.new("RGB", (64, 64), (20, 20, 20)), d / "flat_black.png")
+    return ws
+
+
+def test_hash_distances():
+    a = pattern((256, 192), seed=1)
+    b = a.resize((128, 96), Image.Resampling.BILINEAR)
+    assert hamming(dhash(a), dhash(b)) <= 4
+    assert hamming(dhash(a), dhash(pattern((256, 192), seed=2))) > 20
+
+
+def test_exact_and_near_are_flagged_not_removed(ws):
+    files_before = sorted(p.name for p in (ws.path / "1_c").iterdir())
+    report = ws.find_duplicates()
+    assert sorted(p.name for p in (ws.path / "1_c").iterdir()) == files_before
+    assert [g.files for g in report.exact] == [["1_c/base.png", "1_c/exact_copy.png"]]
+    assert [g.files for g in report.near] == [["1_c/base.png", "1_c/smaller_reencoded.jpg"]]
+    assert report.near[0].keep == "1_c/base.png"  # the larger one
+    flagged = report.flagged()
+    assert "1_c/different.png" not in flagged
+    assert "1_c/flat_white.png" not in flagged and "1_c/flat_black.png" not in flagged  # colour check
+    assert report.images == 6
+    json.dumps(report.to_dict())
+
+
+def test_threshold_zero_only_identical_hashes(ws):
+    report = ws.find_duplicates(threshold=0)
+    assert report.exact and all(g.distance == 0 for g in report.near)
+
+
+def test_bad_threshold(ws):
+    with pytest.raises(DatasetError, match="between 0 and 128"):
+        ws.find_duplicates(threshold=200)
+
+
+def test_remove_exact_moves_copy_aside(ws):
+    report = ws.find_duplicates(remove_exact=True)
+    assert report.removed == [
+        {
+            "path": "1_c/exact_copy.png",
+            "moved_to": ".workshop/removed/1_c/exact_copy.png",
+            "duplicate_of": "1_c/base.png",
+        }
+    ]
+    assert not (ws.path / "1_c/exact_copy.png").exists()
+    assert (ws.path / ".workshop/removed/1_c/exact_copy.txt").read_text(encoding="utf-8") == "different caption"
+    assert report.problem_paths("caption_differs") == ["1_c/exact_copy.png"]
+    again = ws.find_duplicates()
+    assert again.exact == [] and again.images == 5
+
+
+def test_fingerprints_are_cached(ws, monkeypatch):
+    ws.find_duplicates()
+    from lora_trainer.workshop import dedupe
+
+    def boom(*a, **k):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(dedupe, "load_image_rgb", boom)
+    assert ws.find_duplicates().images == 6
+    # a changed file is decoded again (and only that one)
+    save(pattern((256, 192), seed=9), ws.path / "1_c" / "different.png")
+    report = ws.find_duplicates()
+    assert report.problem_paths("unreadable") == ["1_c/different.png"]
+    assert "decoded again" in report.problems[0].message
+
+
+def test_unreadable_image_reported(ws):
+    (ws.path / "1_c" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    report = ws.find_duplicates()
+    assert report.problem_paths("unreadable") == ["1_c/broken.png"]
+    assert report.images == 6

@@ -1,0 +1,164 @@
+"""Zip imports, friendly and hostile: zip-slip names, symlinks, bombs, too many members."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from lora_trainer.errors import DatasetError
+from lora_trainer.workshop import ImportLimits, Workspace
+from tests.test_workshop_helpers import pattern
+
+
+def png_bytes(seed=0, size=(48, 32)) -> bytes:
+    buf = io.BytesIO()
+    pattern(size, seed).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_zip(path: Path, members: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression) as zf:
+        for name, data in members.items():
+            zf.writestr(zipfile.ZipInfo(name), data, compress_type=compression)
+    return path
+
+
+def all_files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def ws(tmp_path) -> Workspace:
+    return Workspace.create(tmp_path / "sandbox" / "workspaces", "ds")
+
+
+def test_friendly_zip(ws, tmp_path):
+    z = make_zip(
+        tmp_path / "set.zip",
+        {
+            "set/5_cat/a.png": png_bytes(1),
+            "set/5_cat/a.caption": b"a cat",
+            "set/other/b.png": png_bytes(2),
+            "__MACOSX/set/5_cat/._a.png": b"resource fork",
+            "set/readme.md": b"hello",
+        },
+    )
+    before = z.read_bytes()
+    report = ws.import_zip(z, repeats=2)
+    assert z.read_bytes() == before
+    assert {f.path for f in report.imported} == {"5_cat/a.png", "2_set/b.png"}
+    assert (ws.path / "5_cat" / "a.txt").read_text(encoding="utf-8") == "a cat"
+    assert (ws.path / "5_cat" / "a.png").read_bytes() == png_bytes(1)
+    assert {"hidden", "not_image", "caption_converted"} <= report.codes()
+    assert report.source == "set.zip"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../evil.png",
+        "ok/../../evil.png",
+        "..\\evil.png",
+        "/abs/evil.png",
+        "\\abs\\evil.png",
+        "C:/evil.png",
+        "c:\\windows\\evil.png",
+    ],
+)
+def test_zip_slip_members_are_rejected(ws, tmp_path, name):
+    z = make_zip(tmp_path / "in" / "evil.zip", {name: png_bytes(1), "good.png": png_bytes(2)})
+    sandbox = tmp_path / "sandbox"
+    before = all_files(tmp_path)
+    report = ws.import_zip(z)
+    assert [f.path for f in report.imported] == ["1_evil/good.png"]
+    [p] = report.problems_with("zip_slip")
+    assert name in p.path and p.severity == "error"
+    # nothing new anywhere but inside the workspace
+    new = all_files(tmp_path) - before
+    assert all((tmp_path / f).resolve().is_relative_to(ws.path.resolve()) for f in new), new
+    assert not any("evil.png" in f for f in all_files(sandbox))
+
+
+def test_symlink_member_is_rejected(ws, tmp_path):
+    z = tmp_path / "link.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        info = zipfile.ZipInfo("link.png")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "/etc/passwd")
+        zf.writestr("real.png", png_bytes(3))
+    report = ws.import_zip(z)
+    assert report.problem_paths("zip_symlink") == ["link.zip:link.png"]
+    assert [f.path for f in report.imported] == ["1_link/real.png"]
+    assert not (ws.path / "1_link" / "link.png").exists()
+
+
+def test_zip_bomb_ratio_is_refused_before_writing(ws, tmp_path):
+    z = make_zip(tmp_path / "bomb.zip", {"ok.png": png_bytes(1), "huge.bmp": b"\0" * (40 << 20)})
+    assert z.stat().st_size < 200_000  # 40 MiB of zeros squeezed small
+    with pytest.raises(DatasetError) as e:
+        ws.import_zip(z)
+    msg = str(e.value)
+    assert "bomb.zip" in msg and "huge.bmp" in msg and "zip bomb" in msg
+    assert all_files(ws.path) == {".workshop/state.json"}
+
+
+def test_zip_total_size_and_member_count_limits(ws, tmp_path):
+    z = make_zip(tmp_path / "many.zip", {f"{i}.png": png_bytes(i) for i in range(6)})
+    with pytest.raises(DatasetError, match="6 entries, more than the limit of 5"):
+        ws.import_zip(z, limits=ImportLimits(max_members=5))
+    with pytest.raises(DatasetError, match="would unpack to"):
+        ws.import_zip(z, limits=ImportLimits(max_total_bytes=1000))
+    assert all_files(ws.path) == {".workshop/state.json"}
+    assert len(ws.import_zip(z).imported) == 6
+
+
+def test_per_member_size_limit_skips_member(ws, tmp_path):
+    z = make_zip(tmp_path / "sizes.zip", {"big.png": png_bytes(1, (256, 256)), "small.png": png_bytes(2, (8, 8))})
+    report = ws.import_zip(z, limits=ImportLimits(max_file_bytes=5000))
+    assert [f.path for f in report.imported] == ["1_sizes/small.png"]
+    assert report.problem_paths("too_large") == ["sizes.zip:big.png"]
+
+
+def test_corrupt_member_is_reported_not_written(ws, tmp_path):
+    """A member whose data does not match its CRC is reported; its partial copy is removed."""
+    z = make_zip(tmp_path / "liar.zip", {"a.png": png_bytes(1), "b.png": png_bytes(2)}, zipfile.ZIP_STORED)
+    data = bytearray(z.read_bytes())
+    # corrupt the stored data so the CRC check fails
+    idx = data.find(b"IHDR")
+    data[idx + 8] ^= 0xFF
+    z.write_bytes(bytes(data))
+    report = ws.import_zip(z)
+    assert [f.path for f in report.imported] == ["1_liar/b.png"]
+    [p] = report.problems_with("corrupt_member")
+    assert p.path == "liar.zip:a.png" and "CRC" in p.message
+    assert {f for f in all_files(ws.path) if not f.startswith(".workshop")} == {"1_liar/b.png"}
+
+
+def test_not_a_zip(ws, tmp_path):
+    p = tmp_path / "fake.zip"
+    p.write_bytes(b"PK but not really")
+    with pytest.raises(DatasetError, match=r"fake\.zip.*not a readable zip"):
+        ws.import_zip(p)
+    with pytest.raises(DatasetError, match="does not exist"):
+        ws.import_zip(tmp_path / "missing.zip")
+
+
+def test_empty_zip(ws, tmp_path):
+    z = make_zip(tmp_path / "empty.zip", {"notes.txt": b"x"})
+    with pytest.raises(DatasetError, match=r"No images could be imported from zip empty\.zip"):
+        ws.import_zip(z)
+
+
+def test_uploaded_zip_among_files(ws, tmp_path):
+    z = make_zip(tmp_path / "upload_123", {"10_dog/rex.png": png_bytes(1)})
+    img = tmp_path / "upload_456"
+    img.write_bytes(png_bytes(2))
+    report = ws.import_files([z, img], ["dogs.zip", "solo.png"], concept="misc")
+    assert {f.path for f in report.imported} == {"10_dog/rex.png", "1_misc/solo.png"}
+    assert os.path.exists(z) and os.path.exists(img)
