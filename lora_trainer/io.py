@@ -752,16 +752,17 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_temp(directory: Path, stem: str, chunks: Iterable[bytes | memoryview]) -> Path:
-    """Write ``chunks`` to a fresh hidden temp file in ``directory``, fsync'ed; removed on any failure."""
+def _write_temp(directory: Path, stem: str, chunks: Iterable[bytes | memoryview], durable: bool = True) -> Path:
+    """Write ``chunks`` to a fresh hidden temp file in ``directory`` (fsync'ed if ``durable``); removed on failure."""
     fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{stem}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
     except BaseException:
         _unlink_quietly(tmp)
         raise
@@ -811,14 +812,22 @@ def _publish_no_clobber(tmp: Path, target: Path) -> Path:
 
 
 def atomic_write_bytes(
-    path: str | os.PathLike, chunks: Iterable[bytes | memoryview] | bytes, *, overwrite: bool = True
+    path: str | os.PathLike,
+    chunks: Iterable[bytes | memoryview] | bytes,
+    *,
+    overwrite: bool = True,
+    durable: bool = True,
 ) -> Path:
-    """Write a file atomically (temp in the same folder, fsync, rename). Returns the path written."""
+    """Write a file atomically (hidden temp in the same folder, fsync, rename). Returns the path written.
+
+    Readers see the old or the new content, never half a file. ``durable=False`` skips the
+    fsync (for bulk copies whose loss on power failure is harmless).
+    """
     path = Path(path)
     if isinstance(chunks, (bytes, bytearray, memoryview)):
         chunks = [chunks]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _write_temp(path.parent, path.name, chunks)
+    tmp = _write_temp(path.parent, path.name, chunks, durable)
     return _publish(tmp, path, overwrite)
 
 

@@ -510,3 +510,15 @@ def test_user_folder_untouched(kohya_dir):
     for _ in ds.iter_epoch(0):
         pass
     assert tree_hashes(kohya_dir) == before
+
+
+def test_workshop_state_folder_is_skipped_silently_but_other_hidden_folders_are_reported(tmp_path):
+    sub = tmp_path / "3_thing"
+    sub.mkdir()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(sub / "a.png")
+    for hidden in (tmp_path / ".workshop", tmp_path / ".trash"):
+        hidden.mkdir()
+        Image.new("RGB", (64, 64)).save(hidden / "b.png")
+    items = dataset_mod.scan_dataset(tmp_path)
+    assert [i.path.name for i in items] == ["a.png"]
+    assert items.report.hidden_files == [tmp_path / ".trash"]

@@ -107,6 +107,16 @@ def process_caption(
     return ", ".join(fixed + flex + suffix)
 
 
+def decode_caption_bytes(data: bytes, encodings: Iterable[str] = CAPTION_ENCODINGS) -> tuple[str | None, str | None]:
+    """(text, the fallback encoding used or None): the first of ``encodings`` that decodes ``data``."""
+    for i, encoding in enumerate(encodings):
+        try:
+            return data.decode(encoding), (encoding if i else None)
+        except UnicodeDecodeError:
+            continue
+    return None, None
+
+
 def read_caption_file(
     path: str | os.PathLike, encodings: Iterable[str] = CAPTION_ENCODINGS, *, warn: bool = True
 ) -> str:
@@ -123,18 +133,11 @@ def read_caption_file(
     except OSError as e:
         raise DatasetError(f"cannot read caption file {os.fspath(path)}: {e}") from e
 
-    encodings = list(encodings)
-    text = None
-    for i, encoding in enumerate(encodings):
-        try:
-            text = data.decode(encoding)
-        except UnicodeDecodeError:
-            continue
-        if i > 0 and warn:
-            logger.warning(f"caption file {os.fspath(path)} is not UTF-8; read it as {encoding}. Save it as UTF-8.")
-        break
+    text, fallback = decode_caption_bytes(data, encodings)
     if text is None:
         raise DatasetError(f"caption file {os.fspath(path)} cannot be decoded with any of {', '.join(encodings)}")
+    if fallback and warn:
+        logger.warning(f"caption file {os.fspath(path)} is not UTF-8; read it as {fallback}. Save it as UTF-8.")
 
     lines = text.splitlines()
     if not lines:

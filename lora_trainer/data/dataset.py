@@ -175,8 +175,17 @@ class ScanResult(list):
         self.report = report
 
 
-def _is_hidden(entry: os.DirEntry) -> bool:
-    if entry.name.startswith("."):
+WORKSHOP_DIR = ".workshop"  # the dataset workshop's own state inside a workspace: skipped silently
+
+
+def is_hidden_name(name: str) -> bool:
+    """Dot-files, macOS resource forks (``__MACOSX``) and Windows ``Thumbs.db``/``desktop.ini``."""
+    return name.startswith(".") or name == "__MACOSX" or name.lower() in ("thumbs.db", "desktop.ini")
+
+
+def is_hidden_entry(entry: os.DirEntry) -> bool:
+    """:func:`is_hidden_name`, or the Windows hidden attribute."""
+    if is_hidden_name(entry.name):
         return True
     try:
         attrs = getattr(entry.stat(follow_symlinks=False), "st_file_attributes", 0)
@@ -248,7 +257,9 @@ def _walk_subset(
             except OSError:
                 is_dir = False
             if is_dir:
-                if _is_hidden(entry):
+                if entry.name == WORKSHOP_DIR:
+                    continue
+                if is_hidden_entry(entry):
                     report.hidden_files.append(path)
                 else:
                     subdirs.append(path)
@@ -257,7 +268,7 @@ def _walk_subset(
                 if os.path.splitext(entry.name)[1].lower() not in CAPTION_EXTENSIONS:
                     report.other_files += 1
                 continue
-            if _is_hidden(entry):
+            if is_hidden_entry(entry):
                 report.hidden_files.append(path)
                 continue
             try:
@@ -328,8 +339,8 @@ def scan_dataset(
             is_dir = entry.is_dir()
         except OSError:
             is_dir = False
-        if _is_hidden(entry):
-            if is_dir or is_image_file(entry.name):
+        if is_hidden_entry(entry):
+            if (is_dir and entry.name != WORKSHOP_DIR) or is_image_file(entry.name):
                 report.hidden_files.append(path)
             continue
         if is_dir:

@@ -83,6 +83,8 @@ def _open(path: Path, max_pixels: int | None) -> Image.Image:
 
 
 def _orientation(img: Image.Image) -> int:
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1  # Pillow would decode the whole PNG looking for a late eXIf chunk
     try:
         value = img.getexif().get(_EXIF_ORIENTATION, 1)
         return int(value)
