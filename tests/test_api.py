@@ -6,7 +6,6 @@ import base64
 import time
 
 import pytest
-import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -15,14 +14,6 @@ from lora_trainer.jobs import JobManager
 from lora_trainer.webui.api import PREFIX, config_from_request, mount, parse_credentials
 from tests.fixtures.host import FakeHost
 from tests.test_train_loop import make_config
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -31,16 +31,6 @@ from tests.fixtures.webui_models import (
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one intra-op thread, and far faster when the CPUs are shared
-    (two OpenMP threads on two busy cores spin: 40 s instead of 6 s for this file)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="class")
 def full_model():
     """full_model(family, hijacked=True): a full-size tree on meta, built once per test class.

@@ -37,15 +37,6 @@ MISSING = object()
 WATCHED_ATTRIBUTES = ("is_trainable", "ucg_rate", "layer_idx", "network_current_names", "use_checkpoint", "checkpoint")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a busy 2-core machine: one thread is many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def make_webui(tmp_path):
     with contextlib.ExitStack() as stack:
