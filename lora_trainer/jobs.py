@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from .backends.base import ModelAdapter
 from .config import TrainConfig
+from .data.dataset import scan_dataset
 from .errors import IncompatibleModelError, LoraTrainerError
 from .log import logger
 from .train.callbacks import Callbacks, StepInfo
@@ -190,10 +191,11 @@ class JobManager:
         self._ids = itertools.count(1)
 
     def start(self, cfg: TrainConfig, *, resume: bool = False) -> Job:
-        """Validate and start; ConfigError or JobBusyError come back at once, nothing started."""
+        """Validate and start; ConfigError, DatasetError or JobBusyError come back at once, nothing started."""
         if cfg.save.output_dir is None:
             cfg = dataclasses.replace(cfg, save=dataclasses.replace(cfg.save, output_dir=str(self.host.lora_dir)))
         cfg.validate()
+        scan_dataset(cfg.dataset.train_data_dir, cfg.dataset.caption_extension)  # a missing or empty folder fails now
         problem = self.host.model_info().problem
         if problem:
             raise IncompatibleModelError(problem)

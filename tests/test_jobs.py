@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from lora_trainer.errors import ConfigError, IncompatibleModelError
+from lora_trainer.errors import ConfigError, DatasetError, IncompatibleModelError
 from lora_trainer.jobs import JobBusyError, JobManager, UnknownJobError
 from tests.fixtures.host import FakeHost
 from tests.test_train_loop import make_config
@@ -52,9 +52,10 @@ def test_one_job_at_a_time_and_cancel_keeps_what_was_trained(tmp_path):
     assert job.state == "stopped" and job.step == 2
     assert job.output_file and host.published
     assert (host.work_dir / "states" / "tiny" / "state.json").is_file()  # resumable
-    resumed = manager.start(config(tmp_path, **{"training.max_train_steps": 50, "save.overwrite": True}), resume=True)
+    resumed = manager.start(config(tmp_path, **{"training.max_train_steps": 50}), resume=True)
     manager.wait(resumed.id, timeout=300)
     assert resumed.state == "done" and resumed.step == 50
+    assert resumed.output_file == job.output_file  # the stopped run's file is finished, not copied
 
 
 def test_webui_interrupt_stops_the_job(tmp_path):
@@ -81,6 +82,10 @@ def test_errors_before_start(tmp_path):
     bad.optim.learning_rate = -1
     with pytest.raises(ConfigError, match=r"optim\.learning_rate"):
         manager.start(bad)
+    missing = config(tmp_path)
+    missing.dataset.train_data_dir = str(tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="nowhere"):
+        manager.start(missing)
     host.problem = "no model is loaded"
     with pytest.raises(IncompatibleModelError, match="no model"):
         manager.start(config(tmp_path))

@@ -232,9 +232,12 @@ def test_resume_continues_exactly(tmp_path, family, one_thread):
     assert partial.stopped_early and partial.steps == 3 and partial.state_dir is not None
     _, meta = load_lora(partial.output_path)
     assert meta["lora_train.stopped_early"] == "True"
-    cfg.save.overwrite = True
     resumed = train(cfg, TinyAdapter(family), work_dir=tmp_path / "b" / "work", resume=True)
     assert resumed.steps == 8
+    assert resumed.output_path == partial.output_path  # finishes the stopped run's file, no tiny_1
+    assert sorted(p.name for p in (tmp_path / "b" / "out").iterdir()) == ["tiny.safetensors"]
+    assert "lora_train.stopped_early" in load_lora(resumed.output_path)[1]
+    assert load_lora(resumed.output_path)[1]["lora_train.stopped_early"] == "False"
     assert resumed.losses == full.losses
     a, _ = load_lora(full.output_path)
     b, _ = load_lora(resumed.output_path)

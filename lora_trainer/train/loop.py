@@ -93,6 +93,7 @@ class _Run:
         self.started_at = time.time()
         self.step = 0
         self.position = (1, 0)  # (epoch, next batch index) the run continues from
+        self.resumed_file: Path | None = None  # the file a stopped run wrote, when resuming it
 
         ds = cfg.dataset
         self.items = scan_dataset(ds.train_data_dir, ds.caption_extension)
@@ -432,14 +433,13 @@ class _Run:
     def _save(self, result: TrainResult, stem: str, epoch: int, final: bool = False) -> Path:
         self.callbacks.on_status(f"Saving {stem}.safetensors")
         metadata = build_metadata(self._info(epoch, stopped_early=final and result.stopped_early))
+        target, overwrite = self.output_dir / f"{stem}.safetensors", self.cfg.save.overwrite
+        if final and self.resumed_file is not None and self.resumed_file.parent == self.output_dir:
+            target, overwrite = self.resumed_file, True  # a resumed run finishes the file it left
         path = save_lora(
-            self.output_dir / f"{stem}.safetensors",
-            self.network.state_dict(),
-            metadata,
-            dtype=self.cfg.save.save_precision,
-            overwrite=self.cfg.save.overwrite,
+            target, self.network.state_dict(), metadata, dtype=self.cfg.save.save_precision, overwrite=overwrite
         )
-        if path.name != f"{stem}.safetensors":
+        if path.name != target.name:
             logger.info("%s.safetensors exists; saved as %s", stem, path.name)
         result.saved.append(path)
         self.callbacks.on_save(path, final)
@@ -466,6 +466,7 @@ class _Run:
             "epoch": epoch,
             "next_batch": next_batch,
             "losses": result.losses,
+            "output_file": str(result.output_path) if result.output_path else None,
         }
         save_state(self.state_dir, state, info=info)
         return self.state_dir
@@ -480,6 +481,7 @@ class _Run:
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         result.losses.extend(info.get("losses", []))
+        self.resumed_file = Path(info["output_file"]) if info.get("output_file") else None
         self.step = int(info["step"])
         self.position = (int(info["epoch"]), int(info["next_batch"]))
 

@@ -294,9 +294,6 @@ class _Actions:
         cfg, errors = build_config(values)
         if errors or cfg is None:
             return render.errors_html(errors)
-        if resume:
-            # The stopped run's partial file is this run's own output: resuming replaces it.
-            cfg.save.overwrite = True
         try:
             job = self.manager.start(cfg, resume=resume)
         except LoraTrainerError as exc:
