@@ -8,7 +8,8 @@
 the MSE loss and the backward pass, with the same LoRA attached, on data already on the device.
 "trainer" is ``lora_trainer.train.loop.train`` doing whole steps (data, captions, noise, loss,
 backward, clipping, optimizer and scheduler step, progress callback). Both use cached latents.
-Figures are medians over the timed steps, after warm-up steps.
+Figures are the best of --rounds alternating runs of each, every run's figure being the median
+over its timed steps after warm-up steps.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of bare and trainer runs")
     parser.add_argument("--unet-only", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     args = parser.parse_args()
@@ -153,16 +155,20 @@ def main() -> None:
         make_images(tmp / "data", max(4, args.batch * 2), args.resolution)
         cfg = config(args, tmp / "data", tmp / "out")
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        bare = bench_bare(args, adapter, cfg)
-        bare_mem = peak_memory(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        trainer = bench_trainer(args, adapter, cfg, tmp / "work")
-        trainer_mem = peak_memory(device)
+        # Alternate the two a few times and keep each one's best median: on a shared machine the
+        # load drifts, and interleaving keeps that drift out of the comparison.
+        bare_runs, trainer_runs = [], []
+        for _ in range(args.rounds):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            bare_runs.append(statistics.median(bench_bare(args, adapter, cfg)))
+            bare_mem = peak_memory(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            trainer_runs.append(statistics.median(bench_trainer(args, adapter, cfg, tmp / "work")))
+            trainer_mem = peak_memory(device)
 
-    bare_s, trainer_s = statistics.median(bare), statistics.median(trainer)
+    bare_s, trainer_s = min(bare_runs), min(trainer_runs)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"{args.family} {args.size} {args.resolution}px batch {args.batch} rank {args.rank} {args.dtype}"
