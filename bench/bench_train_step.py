@@ -175,7 +175,9 @@ def main() -> None:
         f"{' unet-only' if args.unet_only else ''} on {name}, torch {torch.__version__}"
     )
     print(f"  bare forward+backward : {bare_s * 1000:8.2f} ms/step  {1 / bare_s:7.2f} steps/s  peak {bare_mem}")
-    print(f"  trainer step          : {trainer_s * 1000:8.2f} ms/step  {1 / trainer_s:7.2f} steps/s  peak {trainer_mem}")
+    print(
+        f"  trainer step          : {trainer_s * 1000:8.2f} ms/step  {1 / trainer_s:7.2f} steps/s  peak {trainer_mem}"
+    )
     print(f"  trainer overhead      : {(trainer_s / bare_s - 1) * 100:+.1f}%")
 
 

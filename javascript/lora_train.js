@@ -126,6 +126,24 @@
         return true;
     }
 
+    // The Training tab's epochs, batch size and max steps, for the dataset workshop's advice
+    // (its Advise button sends these instead of its own boxes); each falls back to the given value.
+    function trainingValues(epochs, batch, steps) {
+        function value(path) {
+            const el = byId(fieldId(path));
+            const input = el && el.querySelector("input, textarea");
+            return input ? input.value : null;
+        }
+        const e = value("training.max_train_epochs");
+        const b = value("training.train_batch_size");
+        const s = value("training.max_train_steps");
+        return [
+            e !== null && e !== "" ? Number(e) : epochs,
+            b !== null && b !== "" ? Number(b) : batch,
+            s !== null ? s : steps,
+        ];
+    }
+
     let ready = false;
     function setup() {
         if (ready || !byId("lora_train_message") || !applyHelp()) return ready;
@@ -144,6 +162,7 @@
         refreshLoraCards: refreshLoraCards,
         markInvalid: markInvalid,
         setup: setup,
+        trainingValues: trainingValues,
     };
 
     if (typeof onUiLoaded === "function") {

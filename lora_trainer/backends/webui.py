@@ -11,7 +11,8 @@ extension (``networks``, from ``extensions-builtin/Lora``). It provides:
   the WebUI's queue lock (generation waits meanwhile), shows in ``shared.state`` (progress bar,
   Interrupt button) and leaves the model as it found it.
 * :func:`register_settings`, :func:`api_enabled`, :func:`api_auth`, and captioning helpers
-  (:func:`deepbooru_tags`, :func:`blip_caption`) for the dataset workshop.
+  (:func:`deepbooru_tags`, :func:`blip_caption`) for the dataset workshop, also as workshop
+  captioners (:class:`DeepBooruCaptioner`, :class:`BlipCaptioner`).
 
 What the WebUI does that matters here (read in its v1.10.1 source):
 
@@ -71,6 +72,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SETTINGS",
+    "BlipCaptioner",
+    "DeepBooruCaptioner",
     "WebUIAdapter",
     "WebUIHost",
     "api_auth",
@@ -964,3 +967,63 @@ def blip_captions(images: Iterable[Image.Image]) -> list[str]:
     finally:
         interrogator.send_blip_to_ram()
         devices.torch_gc()
+
+
+class _WebUICaptioner:
+    """Shared by the workshop captioners below: one image at a time under the WebUI's queue lock,
+    so a caption run and a generation (or a training run) never share the GPU.
+
+    The first image of a run does not wait: if the lock is held (a training run holds it for
+    its whole length) :class:`~lora_trainer.workshop.CaptionerUnavailable` says so before anything
+    is written. Later images wait their turn, as the WebUI's own Interrogate button does.
+    """
+
+    name = ""
+    label = ""
+
+    def __init__(self) -> None:
+        self._started = False
+
+    def _locked(self, run):
+        from ..workshop.captioning import CaptionerUnavailable
+
+        lock = call_queue.queue_lock
+        if not self._started:
+            if not lock.acquire(False):
+                raise CaptionerUnavailable(
+                    f"The WebUI is busy (a generation or a LoRA training run holds the GPU); {self.label} "
+                    "captions can run when it is free."
+                )
+            self._started = True
+        else:
+            lock.acquire()
+        try:
+            return run()
+        finally:
+            lock.release()
+
+
+class DeepBooruCaptioner(_WebUICaptioner):
+    """The WebUI's DeepBooru as a :class:`lora_trainer.workshop.Captioner`: ``(tag, score)`` pairs
+    at or above ``threshold``, best first, ratings left out (the workshop formats and merges them)."""
+
+    name = "deepbooru"
+    label = "DeepBooru"
+
+    def __init__(self, threshold: float = 0.5, *, include_ratings: bool = False) -> None:
+        super().__init__()
+        self.threshold = float(threshold)
+        self.include_ratings = include_ratings
+
+    def caption(self, image: Image.Image) -> list[tuple[str, float]]:
+        return self._locked(lambda: deepbooru_tags(image, self.threshold, include_ratings=self.include_ratings))
+
+
+class BlipCaptioner(_WebUICaptioner):
+    """The WebUI's BLIP interrogator as a :class:`lora_trainer.workshop.Captioner` (a sentence)."""
+
+    name = "blip"
+    label = "BLIP"
+
+    def caption(self, image: Image.Image) -> str:
+        return self._locked(lambda: blip_caption(image))

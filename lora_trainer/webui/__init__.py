@@ -2,7 +2,10 @@
 
 * :mod:`lora_trainer.webui.api`: FastAPI router under ``/lora-train/v1`` over a ``JobManager``
   (imports neither gradio nor the WebUI's ``modules``, so it is tested without the WebUI).
-* :mod:`lora_trainer.webui.ui`: the gradio tab (the only module here that imports gradio).
+* :mod:`lora_trainer.webui.ui`: the gradio tab (the only module here that imports gradio at import time).
+* :mod:`lora_trainer.webui.workshop_ui`: the tab's Dataset workshop (gradio imported inside ``build``).
+* :mod:`lora_trainer.webui.fields` / :mod:`lora_trainer.webui.render`: the config field widgets and the
+  status/report HTML, free of gradio.
 * :mod:`lora_trainer.webui.runtime`: the process's one host and job manager, and the callbacks
   ``scripts/lora_train.py`` registers.
 

@@ -11,6 +11,7 @@ happen inside the callbacks, never at import time.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import threading
 from pathlib import Path
@@ -64,11 +65,23 @@ def start_values() -> tuple[str | None, dict[str, Any]]:
     return name, values
 
 
+def workshop_root() -> Path:
+    """Dataset workshop workspaces: ``<work dir>/datasets``."""
+    return Path(manager().host.work_dir) / "datasets"
+
+
 def on_ui_tabs() -> list[tuple[Any, str, str]]:
+    from lora_trainer.webui import workshop_ui
     from lora_trainer.webui.ui import TAB_ID, TAB_TITLE, create_tab
 
     jobs = manager()
-    tab = create_tab(jobs, jobs.host, preset_dir=preset_dir(), start_values=start_values)
+    workshop = functools.partial(
+        workshop_ui.build,
+        workspaces_root=workshop_root(),
+        # DeepBooru and BLIP come from the backend, imported when a caption run starts
+        captioners=workshop_ui.default_captioners(_backend, Path(jobs.host.work_dir) / "wd14"),
+    )
+    tab = create_tab(jobs, jobs.host, preset_dir=preset_dir(), start_values=start_values, workshop=workshop)
     return [(tab, TAB_TITLE, TAB_ID)]
 
 
