@@ -9,35 +9,15 @@ Screenshots go to this test's tmp folder (``tab.png``, ``error.png``, ``running.
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
 import threading
-from pathlib import Path
 
 import pytest
 
+from tests.fixtures.browser import browser_page  # skips without playwright/chromium, except in CI
+from tests.fixtures.ui_app import launch
+from tests.test_train_loop import make_dataset
+
 pytestmark = pytest.mark.browser
-
-# CI (CI=true) installs both, so there a missing browser is a failure, not a skip.
-_REQUIRED = bool(os.environ.get("CI"))
-if _REQUIRED:
-    import playwright.sync_api as sync_api
-else:
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="the Python playwright package is not installed (pip install playwright)"
-    )
-CHROMIUM = os.environ.get("LORA_TRAIN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-if not Path(CHROMIUM).exists():
-    if _REQUIRED:
-        raise RuntimeError(f"no chromium at {CHROMIUM}: .ci/run installs Debian's chromium package")
-    pytest.skip(
-        f"no chromium at {CHROMIUM} (apt-get install -y chromium, or set LORA_TRAIN_CHROMIUM)",
-        allow_module_level=True,
-    )
-
-from tests.fixtures.ui_app import launch  # noqa: E402
-from tests.test_train_loop import make_dataset  # noqa: E402
 
 STEPS = 6
 HOLD_AT = 2  # the run waits at this step until the test has reloaded the page
@@ -62,18 +42,8 @@ def app(tmp_path):
 
 @pytest.fixture()
 def page(app):
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        # No network: skip the Google fonts gradio's default theme asks for.
-        context.route(re.compile(r"^https?://(?!127\.0\.0\.1)"), lambda route: route.abort())
-        page = context.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.set_default_timeout(20_000)
+    with browser_page(20_000) as page:
         yield page
-        browser.close()
-        assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def field(page, path: str):

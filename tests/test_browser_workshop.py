@@ -11,36 +11,17 @@ folder (``created.png``, ``imported.png``, ``cleaned.png``, ``wd14.png``, ``capt
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from lora_trainer.workshop import Workspace
+from tests.fixtures.browser import browser_page  # skips without playwright/chromium, except in CI
+from tests.fixtures.ui_app import launch
+from tests.test_workshop_ui import COLOURS, make_image
+
 pytestmark = pytest.mark.browser
-
-# CI (CI=true) installs both, so there a missing browser is a failure, not a skip.
-_REQUIRED = bool(os.environ.get("CI"))
-if _REQUIRED:
-    import playwright.sync_api as sync_api
-else:
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="the Python playwright package is not installed (pip install playwright)"
-    )
-CHROMIUM = os.environ.get("LORA_TRAIN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-if not Path(CHROMIUM).exists():
-    if _REQUIRED:
-        raise RuntimeError(f"no chromium at {CHROMIUM}: .ci/run installs Debian's chromium package")
-    pytest.skip(
-        f"no chromium at {CHROMIUM} (apt-get install -y chromium, or set LORA_TRAIN_CHROMIUM)",
-        allow_module_level=True,
-    )
-
-from lora_trainer.workshop import Workspace  # noqa: E402
-from tests.fixtures.ui_app import launch  # noqa: E402
-from tests.test_workshop_ui import COLOURS, make_image  # noqa: E402
 
 WAIT = 20_000  # ms, for any one thing to show
 
@@ -54,18 +35,8 @@ def app(tmp_path):
 
 @pytest.fixture()
 def page(app):
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        # No network: only the harness on the loopback.
-        context.route(re.compile(r"^https?://(?!127\.0\.0\.1)"), lambda route: route.abort())
-        page = context.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.set_default_timeout(WAIT)
+    with browser_page(WAIT) as page:
         yield page
-        browser.close()
-        assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def box(page, key: str):
