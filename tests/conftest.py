@@ -5,6 +5,8 @@ multi-threaded CPU kernels reduce in varying order (bit-exact comparisons need o
 and a busy 2-core machine slows a 2-thread run by orders of magnitude.
 """
 
+import logging
+
 import pytest
 import torch
 
@@ -15,3 +17,29 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def lt_caplog(caplog):
+    """caplog for the ``lora_trainer`` logger, which does not propagate to the root logger."""
+    logger = logging.getLogger("lora_trainer")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="lora_trainer")
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture
+def records():
+    """Every record the ``lora_trainer`` logger emits during the test."""
+    got: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            got.append(record)
+
+    handler = Collect(level=logging.DEBUG)
+    logger = logging.getLogger("lora_trainer")
+    logger.addHandler(handler)
+    yield got
+    logger.removeHandler(handler)

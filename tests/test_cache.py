@@ -1,6 +1,5 @@
 import hashlib
 import json
-import logging
 import os
 import struct
 from pathlib import Path
@@ -51,21 +50,6 @@ def gradient(path: Path, size=(64, 32), shift=0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
-
-
-@pytest.fixture
-def records():
-    got: list[logging.LogRecord] = []
-
-    class H(logging.Handler):
-        def emit(self, record):
-            got.append(record)
-
-    h = H(level=logging.DEBUG)
-    logger = logging.getLogger("lora_trainer")
-    logger.addHandler(h)
-    yield got
-    logger.removeHandler(h)
 
 
 def test_memory_cache_hits(tmp_path):

@@ -5,18 +5,9 @@ import pytest
 
 from lora_trainer.data import captions as cap
 from lora_trainer.errors import DatasetError
-from lora_trainer.log import logger
 
 CAPTION = "mychar, 1girl, solo, red hair, smile, outdoors, sky"
 TAGS = [t.strip() for t in CAPTION.split(",")]
-
-
-@pytest.fixture
-def lt_caplog(caplog):
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="lora_trainer")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def _tags(caption: str) -> list[str]:

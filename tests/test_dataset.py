@@ -1,6 +1,5 @@
 import hashlib
 import io
-import logging
 import os
 import random
 from collections import Counter
@@ -53,22 +52,6 @@ def tree_hashes(root: Path) -> dict[str, str]:
             p = Path(dirpath) / f
             out[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
-
-
-@pytest.fixture
-def records():
-    """Warnings logged by the lora_trainer logger (it does not propagate to caplog)."""
-    got: list[logging.LogRecord] = []
-
-    class H(logging.Handler):
-        def emit(self, record):
-            got.append(record)
-
-    h = H(level=logging.DEBUG)
-    logger = logging.getLogger("lora_trainer")
-    logger.addHandler(h)
-    yield got
-    logger.removeHandler(h)
 
 
 @pytest.fixture

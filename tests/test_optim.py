@@ -9,17 +9,7 @@ import pytest
 import torch
 
 from lora_trainer.errors import ConfigError
-from lora_trainer.log import logger
 from lora_trainer.train import optim
-
-
-@pytest.fixture
-def lt_caplog(caplog):
-    """caplog for the package logger, which does not propagate to the root logger."""
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="lora_trainer")
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def _problem(seed: int = 0):
