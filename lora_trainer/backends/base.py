@@ -77,6 +77,9 @@ class ModelAdapter(Protocol):
         model_name: the checkpoint's name, for metadata (``ss_sd_model_name``).
         model_hash: the checkpoint's hash if known, else "" (``ss_new_sd_model_hash``).
         vae_name: the VAE in use, for metadata and the latent-cache key ("" if built in).
+
+    Optional: ``default_clip_skip`` (int), the host's own clip-skip setting, used when the
+    config leaves ``training.clip_skip`` unset (1 when the adapter has none).
     """
 
     family: str
