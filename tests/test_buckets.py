@@ -159,3 +159,11 @@ def test_plan_report_counts_and_metadata():
     _, fixed = plan_buckets(entries, BucketSettings(resolution=(512, 512), enable_bucket=False))
     assert fixed.counts == {(512, 512): 24}
     assert fixed.to_metadata() is None
+
+
+def test_fixed_size_mode_calls_too_small_only_what_is_enlarged_more_than_twice():
+    settings = BucketSettings(resolution=(64, 64), enable_bucket=False)
+    _, report = plan_buckets([("same", (64, 64), 1), ("small", (40, 48), 1), ("tiny", (20, 30), 1)], settings)
+    assert report.upscaled == ["small", "tiny"]
+    assert report.too_small == ["tiny"]
+    assert not any("below 256" in line for line in report.summary_lines())

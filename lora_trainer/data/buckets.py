@@ -289,7 +289,8 @@ def plan_buckets(
 ) -> tuple[list[BucketAssignment], BucketReport]:
     """Assign every ``(key, image_size (w, h), repeats)``; return the assignments in order and the report."""
     assign = settings.assigner()
-    min_size = settings.min_bucket_reso
+    # "Too small": below the smallest bucket side, or in fixed-size mode enlarged more than twice.
+    min_size = settings.min_bucket_reso if settings.enable_bucket else min(settings.resolution) // 2
     report = BucketReport(enable_bucket=settings.enable_bucket, min_size=min_size)
     assignments: list[BucketAssignment] = []
     counts: dict[Size, int] = {}
