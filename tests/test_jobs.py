@@ -112,5 +112,5 @@ def test_samples_are_written_every_n_steps(tmp_path):
     cfg = config(tmp_path, **{"sample.sample_every_n_steps": 2, "sample.sample_prompts": ["a", "b"]})
     job = manager.wait(manager.start(cfg).id, timeout=60)
     assert job.state == "done"
-    assert len(job.samples) == 4  # steps 2 and 4 (6 is the end), two prompts each
+    assert len(job.samples) == 6  # steps 2, 4 and 6 (the last), two prompts each
     assert all(p.endswith(".png") for p in job.samples)

@@ -350,3 +350,35 @@ def test_save_every_n_epochs_and_steps(tmp_path):
     ]
     steps = [load_lora(p)[1]["ss_steps"] for p in result.saved]
     assert steps == ["3", "4", "6", "8", "9", "10"]
+
+
+def test_previews_every_n_steps_and_epochs_include_the_last(tmp_path):
+    class Samples(Callbacks):
+        def __init__(self):
+            self.at = []
+
+        def on_sample(self, step, epoch):
+            self.at.append((step, epoch))
+
+    # 4 batches per epoch, 8 steps: epochs end at steps 4 and 8
+    by_steps, by_epochs = Samples(), Samples()
+    train(
+        make_config(
+            tmp_path / "a",
+            **{"training.max_train_steps": 8, "sample.sample_every_n_steps": 3, "sample.sample_prompts": ["x"]},
+        ),
+        TinyAdapter("sd1"),
+        by_steps,
+        work_dir=tmp_path / "a" / "w",
+    )
+    train(
+        make_config(
+            tmp_path / "b",
+            **{"training.max_train_steps": 8, "sample.sample_every_n_epochs": 1, "sample.sample_prompts": ["x"]},
+        ),
+        TinyAdapter("sd1"),
+        by_epochs,
+        work_dir=tmp_path / "b" / "w",
+    )
+    assert by_steps.at == [(3, 1), (6, 2)]
+    assert by_epochs.at == [(4, 1), (8, 2)]

@@ -309,9 +309,9 @@ class _Run:
         self.callbacks.on_start(self.total_steps, self.total_epochs)
         epoch, first_batch = self.position
         while self.step < self.total_steps and self._run_epoch(result, epoch, first_batch):
-            if cfg.save.save_every_n_epochs and epoch % cfg.save.save_every_n_epochs == 0:
+            if _every(cfg.save.save_every_n_epochs, epoch):
                 self._save(result, f"{cfg.save.output_name}-{epoch:06d}", epoch)
-            if cfg.sample.sample_every_n_epochs and epoch % cfg.sample.sample_every_n_epochs == 0:
+            if _every(cfg.sample.sample_every_n_epochs, epoch):
                 self._sample(epoch)
             epoch, first_batch = epoch + 1, 0
         result.steps, result.epochs = self.step, min(epoch, self.total_epochs)
@@ -344,12 +344,15 @@ class _Run:
             lrs = current_lrs(self.optimizer)
             self.callbacks.on_step(self.meter.update(self.step, epoch, self.total_epochs, loss_sum / micro, lrs))
             loss_sum, micro = 0.0, 0
-            if self.step >= self.total_steps:
-                return False
-            if cfg.save.save_every_n_steps and self.step % cfg.save.save_every_n_steps == 0:
-                self._save(result, f"{cfg.save.output_name}-step{self.step:08d}", epoch)
-            if cfg.sample.sample_every_n_steps and self.step % cfg.sample.sample_every_n_steps == 0:
+            done = self.step >= self.total_steps
+            if done and batch["batch_index"] == last and _every(cfg.sample.sample_every_n_epochs, epoch):
+                self._sample(epoch)  # the last epoch's previews, like every other epoch's
+            elif _every(cfg.sample.sample_every_n_steps, self.step):
                 self._sample(epoch)
+            if done:
+                return False  # the final file is saved by the caller
+            if _every(cfg.save.save_every_n_steps, self.step):
+                self._save(result, f"{cfg.save.output_name}-step{self.step:08d}", epoch)
         return True
 
     def _sample(self, epoch: int) -> None:
@@ -500,6 +503,11 @@ def load_resume_state(cfg: TrainConfig, family: str, work_dir: Path) -> tuple[di
             "(only the number of steps or epochs, the output and the samples may change)"
         )
     return state, info
+
+
+def _every(n: int | None, count: int) -> bool:
+    """A periodic action (save, preview) is due at ``count`` when ``n`` is set and divides it."""
+    return bool(n) and count % n == 0
 
 
 def _derive(seed: int, *parts: int) -> int:
