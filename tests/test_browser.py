@@ -53,6 +53,12 @@ def field(page, path: str):
 def field_input(page, path: str):
     """The setting's input, brought into view with the tab's own showField (switches settings tabs)."""
     page.evaluate("(path) => loraTrain.showField(path)", path)
+    # showField focuses the input a moment later; wait for it, or that late focus would take the
+    # keystrokes of the next field filled.
+    elem_id = f"lora_train_cfg_{path.replace('.', '_')}"
+    page.wait_for_function(
+        "(id) => { const a = document.activeElement; return !!a && !!a.closest('#' + id); }", arg=elem_id
+    )
     return field(page, path).locator("input, textarea").first
 
 
@@ -83,11 +89,12 @@ def test_train_from_the_tab(app, page, tmp_path):
     assert field_input(page, "training.max_train_steps").input_value() == "10"
     assert "quick-test" in page.locator("#lora_train_preset_info .lora_train_msg").inner_text()
 
-    field_input(page, "dataset.train_data_dir").fill(str(data))
-    field_input(page, "dataset.resolution").fill("64")
-    field_input(page, "training.max_train_steps").fill(str(STEPS))
-    field_input(page, "sample.sample_every_n_steps").fill("3")
     field_input(page, "sample.sample_prompts").fill("tiny photo")
+    field_input(page, "sample.sample_every_n_steps").fill("3")
+    field_input(page, "training.max_train_steps").fill(str(STEPS))
+    field_input(page, "dataset.resolution").fill("64")
+    field_input(page, "dataset.train_data_dir").fill(str(data))
+    page.keyboard.press("Tab")  # commit the last edit before Start reads the fields
 
     # Buckets are on with a 256 px smallest bucket: Start names that field in red, nothing runs.
     page.locator("#lora_train_start").click()

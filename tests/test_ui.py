@@ -18,7 +18,7 @@ from lora_trainer.config import FIELDS, GROUPS, PRESETS, TrainConfig, load_prese
 from lora_trainer.errors import ConfigError
 from lora_trainer.jobs import JobManager
 from lora_trainer.webui import fields, render
-from lora_trainer.webui.ui import _Actions, create_tab
+from lora_trainer.webui.ui import RESYNC_EVERY, _Actions, create_tab
 from tests.fixtures.host import FakeHost
 from tests.test_train_loop import make_config
 
@@ -347,7 +347,10 @@ def test_start_poll_send_and_reconnect(actions, manager, host, tmp_path):
     # The first page gets what changed since its last poll, then nothing while nothing changes.
     changed = actions.poll(seen)
     assert 'data-state="done"' in changed[1] and changed[4] == gr.update()  # Start was enabled already
-    assert all(u == gr.update() for u in actions.poll(seen))
+    quiet = [actions.poll(seen) for _ in range(RESYNC_EVERY - 2)]
+    assert all(u == gr.update() for updates in quiet for u in updates)
+    # Every RESYNC_EVERY polls everything is sent again, so an update the page missed heals.
+    assert 'data-state="done"' in actions.poll(seen)[1]
     # A reloaded page shows the job's settings.
     restored = actions.restore_fields(None)
     assert by_path(restored[1:])["dataset.trigger_words"] == "tinychar"

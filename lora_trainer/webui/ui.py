@@ -52,6 +52,7 @@ from lora_trainer.webui.fields import (
 TAB_TITLE = "LoRA Train"
 TAB_ID = "lora_train"  # the WebUI gives the tab elem_id "tab_lora_train"
 ROW_SIZE = 3  # narrow fields per row
+RESYNC_EVERY = 5  # polls between full refreshes of the run panel
 POLL_OUTPUTS = 9  # model line, status, plot, previews, start, resume, stop, send, send text
 
 WorkshopHook = Callable[[gr.Textbox], None]
@@ -370,9 +371,13 @@ class _Actions:
             ("send", bool(prompt), lambda v: gr.update(interactive=v)),
             ("send_text", prompt, lambda v: v),
         ]
+        # Send only what changed, but everything again every RESYNC_EVERY polls: an update the
+        # page never received (a poll cancelled by the next tick, a dropped socket) heals itself.
+        resync = seen.get("_polls", 0) % RESYNC_EVERY == 0
+        seen["_polls"] = seen.get("_polls", 0) + 1
         out = []
         for key, value, update in values:
-            if key in seen and seen[key] == value:
+            if not resync and key in seen and seen[key] == value:
                 out.append(gr.update())
             else:
                 seen[key] = value
