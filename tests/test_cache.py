@@ -1,6 +1,4 @@
-import hashlib
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -14,6 +12,7 @@ from lora_trainer.data.buckets import BucketSettings
 from lora_trainer.data.cache import LatentCache, LatentRequest, cache_key, file_sha256
 from lora_trainer.data.dataset import TrainDataset, scan_dataset
 from lora_trainer.errors import DatasetError
+from tests.fixtures.files import tree_hashes
 
 SMALL = BucketSettings(resolution=(64, 64), min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16)
 
@@ -32,15 +31,6 @@ class ToyVAE:
     @property
     def encoded(self) -> int:
         return sum(c[0] for c in self.calls)
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = Path(dirpath) / f
-            out[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def gradient(path: Path, size=(64, 32), shift=0) -> Path:

@@ -1,6 +1,4 @@
-import hashlib
 import io
-import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -27,6 +25,7 @@ from lora_trainer.data.images import (
     resize_and_crop,
 )
 from lora_trainer.errors import ConfigError, DatasetError
+from tests.fixtures.files import tree_hashes
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 SMALL = BucketSettings(resolution=(64, 64), min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16)
@@ -43,15 +42,6 @@ def two_colour(size=(64, 32), left=RED, right=BLUE) -> Image.Image:
     img = Image.new("RGB", size, right)
     img.paste(left, (0, 0, w // 2, h))
     return img
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = Path(dirpath) / f
-            out[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 
@@ -98,7 +99,7 @@ def fixed_eval_loss(adapter, cfg, lora_path=None, draws=12):
         network.eval()
     gen = torch.Generator().manual_seed(99)
     alphas = adapter.alphas_cumprod.float()
-    with torch.no_grad(), network.applied() if network else _null():
+    with torch.no_grad(), network.applied() if network else contextlib.nullcontext():
         latents = adapter.encode_images(ds_batch["pixels"]).float()
         sizes = [
             SizeCond(o, c, t)
@@ -115,14 +116,6 @@ def fixed_eval_loss(adapter, cfg, lora_path=None, draws=12):
             target = objectives.target_for(adapter.prediction_type, latents, noise, t, alphas)
             total += torch.nn.functional.mse_loss(pred.float(), target).item()
     return total / draws
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.mark.parametrize(

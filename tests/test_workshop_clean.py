@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 
 from lora_trainer.workshop import Workspace
+from tests.fixtures.files import tree_hashes
 from tests.test_workshop_helpers import (
     every_format,
     pattern,
     png_header_only,
     save,
-    tree_hashes,
     truncated,
 )
 

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -28,16 +26,6 @@ def save(img: Image.Image, path: Path, fmt: str | None = None, **kw) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, fmt, **kw)
     return path
-
-
-def tree_hashes(root: Path) -> dict[str, tuple[str, int]]:
-    """{relative path: (sha256, mode bits)} of every file under ``root``."""
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = Path(dirpath) / f
-            out[p.relative_to(root).as_posix()] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mode)
-    return out
 
 
 def exif_rotated_jpeg(path: Path, orientation: int = 6) -> Path:

@@ -11,7 +11,8 @@ from PIL import Image
 
 from lora_trainer.errors import DatasetError
 from lora_trainer.workshop import ImportLimits, Workspace
-from tests.test_workshop_helpers import RED, every_format, pattern, save, tree_hashes
+from tests.fixtures.files import tree_hashes
+from tests.test_workshop_helpers import RED, every_format, pattern, save
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ captioners of ``lora_trainer.backends.webui`` on the stand-in WebUI."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import types
 import zipfile
@@ -22,6 +21,7 @@ from lora_trainer.webui import workshop_ui
 from lora_trainer.webui.ui import create_tab
 from lora_trainer.webui.workshop_ui import CaptionerSpec, WorkshopActions
 from lora_trainer.workshop import Captioner, CaptionerUnavailable, Problem, Workspace
+from tests.fixtures.files import tree_hashes
 from tests.fixtures.host import FakeHost
 from tests.fixtures.ui_app import StubTagger
 
@@ -50,14 +50,6 @@ def make_source(root: Path) -> Path:
     (src / "extra" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (src / "extra" / "notes.md").write_text("not an image", encoding="utf-8")
     return src
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {
-        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 class Recorder:
@@ -134,7 +126,7 @@ def is_error(html: str) -> bool:
 
 def test_import_clean_caption_edit_undo_advise(actions, tmp_path):
     src = make_source(tmp_path)
-    before = tree_digest(src)
+    before = tree_hashes(src)
 
     # Create: the dropdown selects it, the training folder box points at it.
     msg, dropdown, new_name, folder_box = actions.create("mychar", "/some/other/folder")
@@ -213,7 +205,7 @@ def test_import_clean_caption_edit_undo_advise(actions, tmp_path):
     # The training folder box, and the user's folder untouched.
     assert actions.use_for_training("mychar")[1] == ws.train_data_dir
     assert actions.open("mychar")[1] == ws.train_data_dir
-    assert tree_digest(src) == before
+    assert tree_hashes(src) == before
 
 
 def test_zip_and_uploads(actions, tmp_path):

@@ -12,7 +12,8 @@ import pytest
 from lora_trainer.data.dataset import scan_dataset
 from lora_trainer.errors import DatasetError
 from lora_trainer.workshop import Workspace
-from tests.test_workshop_helpers import every_format, pattern, save, tree_hashes
+from tests.fixtures.files import tree_hashes
+from tests.test_workshop_helpers import every_format, pattern, save
 
 REPO = Path(__file__).resolve().parents[1]
 
