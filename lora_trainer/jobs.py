@@ -14,13 +14,11 @@ import itertools
 import threading
 import time
 import traceback
-from collections.abc import Sequence
-from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from .backends.base import ModelAdapter
 from .config import TrainConfig
+from .contracts import Host
 from .data.dataset import scan_dataset
 from .errors import IncompatibleModelError, LoraTrainerError
 from .log import logger
@@ -34,55 +32,6 @@ class JobBusyError(LoraTrainerError):
 
 class UnknownJobError(LoraTrainerError, KeyError):
     """No job has that id."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelInfo:
-    """The loaded model as the tab shows it; ``problem`` says why it cannot be trained, if so."""
-
-    family: str | None
-    checkpoint: str
-    vae: str
-    problem: str | None = None
-
-
-class Host(Protocol):
-    """What a job needs from the program it runs in."""
-
-    lora_dir: Path  # where finished LoRAs go (the WebUI's --lora-dir)
-    work_dir: Path  # latent caches, resume states, samples
-
-    def model_info(self) -> ModelInfo: ...
-
-    def training_session(self) -> ContextManager[ModelAdapter]:
-        """The loaded model as a ModelAdapter, for one run; puts everything back on exit."""
-        ...
-
-    def gpu_lock(self) -> ContextManager[None]:
-        """Held for the whole run: generation waits meanwhile."""
-        ...
-
-    def on_job_start(self, job: Job) -> None: ...
-
-    def on_job_progress(self, job: Job) -> None: ...
-
-    def on_job_end(self, job: Job) -> None: ...
-
-    def interrupted(self) -> bool:
-        """The host's own stop button (the WebUI's Interrupt)."""
-        ...
-
-    def verify_lora(self, path: Path) -> list[str]:
-        """Load the file as the host's own loader would; return what did not land on a module."""
-        ...
-
-    def publish_lora(self, path: Path) -> None:
-        """Make a new file visible (refresh the host's Lora list)."""
-        ...
-
-    def sample_images(self, prompts: Sequence[str], cfg: TrainConfig, step: int) -> list[Any]:
-        """Images (PIL) for the prompts with the network being trained attached."""
-        ...
 
 
 STATES = ("queued", "running", "done", "stopped", "failed")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_trainer.backends.base import FAMILIES, Conditioning, ModelAdapter, SizeCond
+from lora_trainer.contracts import FAMILIES, Conditioning, ModelAdapter, SizeCond
 from lora_trainer.text import CHUNK_LENGTH, WINDOW_LENGTH, chunk_token_ids, encode_chunks, num_chunks
 from tests.fixtures.webui_models import (
     CrossAttention,

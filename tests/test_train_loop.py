@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_trainer.backends.base import SizeCond
 from lora_trainer.config import TrainConfig
+from lora_trainer.contracts import SizeCond
 from lora_trainer.data.buckets import BucketSettings
 from lora_trainer.data.dataset import TrainDataset, scan_dataset
 from lora_trainer.errors import ConfigError, DatasetError

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lora_trainer.backends.base import FAMILIES, SizeCond
+from lora_trainer.contracts import FAMILIES, SizeCond
 from lora_trainer.errors import IncompatibleModelError, LoraFileError
 from lora_trainer.io import load_lora, save_lora
 from lora_trainer.jobs import JobManager

@@ -4,7 +4,7 @@ This is the only module that imports the WebUI (``modules.*``) and its builtin L
 extension (``networks``, from ``extensions-builtin/Lora``). It provides:
 
 * :class:`WebUIAdapter`: the loaded ``shared.sd_model`` (SD1, SD2, SDXL) as a
-  :class:`~lora_trainer.backends.base.ModelAdapter`. Text goes through the WebUI's own
+  :class:`~lora_trainer.contracts.ModelAdapter`. Text goes through the WebUI's own
   conditioning code (its chunking, emphasis, textual-inversion embeddings and clip skip),
   images through its VAE helper, the denoiser through ``sd_model.apply_model``.
 * :class:`WebUIHost`: the :class:`~lora_trainer.jobs.Host` the JobManager runs on. A run holds
@@ -57,13 +57,12 @@ from modules import call_queue, devices, sd_hijack, sd_models, sd_samplers_commo
 from torch import nn
 
 from ..config import TrainConfig, list_presets
+from ..contracts import Conditioning, ModelInfo, SizeCond
 from ..errors import IncompatibleModelError, LoraFileError
 from ..io import load_lora, read_safetensors_header
-from ..jobs import ModelInfo
 from ..log import logger, warning_once
 from ..networks import network_from_weights
 from ..text import WINDOW_LENGTH, num_chunks
-from .base import Conditioning, SizeCond
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -308,7 +307,7 @@ def _set_attr(undo: contextlib.ExitStack, obj: Any, name: str, value: Any) -> No
 
 
 class WebUIAdapter:
-    """The WebUI's loaded model as a :class:`~lora_trainer.backends.base.ModelAdapter`.
+    """The WebUI's loaded model as a :class:`~lora_trainer.contracts.ModelAdapter`.
 
     Temporary changes it makes for training (the SDXL text embedders' ``is_trainable``, a
     configured clip skip) are undone by ``undo`` (an ExitStack the host's session closes),

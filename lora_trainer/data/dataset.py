@@ -442,7 +442,7 @@ class TrainDataset(torch.utils.data.Dataset):
     * ``keys``: list of item keys; ``indices``: item indices; ``flipped``: list of bool;
     * ``bucket``: the bucket (width, height); ``epoch``, ``batch_index``: where it is.
 
-    The three size lists map to :class:`lora_trainer.backends.base.SizeCond` in order.
+    The three size lists map to :class:`lora_trainer.contracts.SizeCond` in order.
     Random choices (flip, random crop) are seeded by (seed, epoch, batch index, slot).
     """
 

@@ -5,7 +5,7 @@ Conventions:
 * Bucket and target sizes are ``(width, height)``, as kohya writes them.
 * SDXL size conditioning values (``original_size``, ``crop_top_left``) are returned in
   SDXL/sgm order, ``(height, width)`` and ``(top, left)``, the order of
-  :class:`lora_trainer.backends.base.SizeCond`.
+  :class:`lora_trainer.contracts.SizeCond`.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..backends.base import FAMILIES, Conditioning, ModelAdapter, SizeCond
 from ..config import TrainConfig
+from ..contracts import FAMILIES, Conditioning, ModelAdapter, SizeCond
 from ..data.buckets import BucketSettings
 from ..data.cache import LatentCache
 from ..data.captions import process_caption, split_tags

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lora_trainer.backends.base import PREDICTION_TYPES
+from lora_trainer.contracts import PREDICTION_TYPES
 
 __all__ = [
     "add_noise",

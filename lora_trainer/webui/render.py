@@ -11,8 +11,8 @@ from collections.abc import Iterable, Sequence
 from html import escape
 from typing import Any
 
+from lora_trainer.contracts import ModelInfo
 from lora_trainer.errors import ConfigError, LoraTrainerError
-from lora_trainer.jobs import ModelInfo
 from lora_trainer.webui.fields import FIELD_BY_PATH, field_label
 
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}

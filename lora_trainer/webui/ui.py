@@ -30,8 +30,9 @@ from typing import Any
 import gradio as gr
 
 from lora_trainer.config import FIELDS, PRESETS, FieldSpec, get_preset, list_presets, save_preset
+from lora_trainer.contracts import Host, ModelInfo
 from lora_trainer.errors import ConfigError, LoraTrainerError
-from lora_trainer.jobs import Host, JobManager, ModelInfo
+from lora_trainer.jobs import JobManager
 from lora_trainer.log import logger, warning_once
 from lora_trainer.webui import render
 from lora_trainer.webui.fields import (

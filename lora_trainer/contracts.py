@@ -1,7 +1,7 @@
-"""The model contract: what the trainer core needs from a loaded Stable Diffusion model.
+"""The two contracts the core depends on: the model (:class:`ModelAdapter`) and the host (:class:`Host`).
 
-The core never reaches into a model on its own. A *model adapter* hands it the
-pieces below; the WebUI adapter (``backends/webui.py``) builds them from
+The core never reaches into a model or the program it runs in on its own. A *model adapter*
+hands it the pieces below; the WebUI adapter (``lora_trainer/backends/``) builds them from
 ``modules.shared.sd_model`` and the tests build them from tiny models whose module
 names and classes follow the WebUI's own (ldm names for SD1/SD2, sgm names for SDXL).
 
@@ -22,11 +22,17 @@ an OpenCLIP text encoder ``transformer.resblocks.N...``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .jobs import Job
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -120,4 +126,53 @@ class ModelAdapter(Protocol):
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Run the denoiser: returns the model output (epsilon or v) shaped like ``noisy_latents``."""
+        ...
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The loaded model as the tab shows it; ``problem`` says why it cannot be trained, if so."""
+
+    family: str | None
+    checkpoint: str
+    vae: str
+    problem: str | None = None
+
+
+class Host(Protocol):
+    """What a job needs from the program it runs in."""
+
+    lora_dir: Path  # where finished LoRAs go (the WebUI's --lora-dir)
+    work_dir: Path  # latent caches, resume states, samples
+
+    def model_info(self) -> ModelInfo: ...
+
+    def training_session(self) -> ContextManager[ModelAdapter]:
+        """The loaded model as a ModelAdapter, for one run; puts everything back on exit."""
+        ...
+
+    def gpu_lock(self) -> ContextManager[None]:
+        """Held for the whole run: generation waits meanwhile."""
+        ...
+
+    def on_job_start(self, job: Job) -> None: ...
+
+    def on_job_progress(self, job: Job) -> None: ...
+
+    def on_job_end(self, job: Job) -> None: ...
+
+    def interrupted(self) -> bool:
+        """The host's own stop button (the WebUI's Interrupt)."""
+        ...
+
+    def verify_lora(self, path: Path) -> list[str]:
+        """Load the file as the host's own loader would; return what did not land on a module."""
+        ...
+
+    def publish_lora(self, path: Path) -> None:
+        """Make a new file visible (refresh the host's Lora list)."""
+        ...
+
+    def sample_images(self, prompts: Sequence[str], cfg: TrainConfig, step: int) -> list[Any]:
+        """Images (PIL) for the prompts with the network being trained attached."""
         ...
