@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.naming import find_targets
-from lora_trainer.networks import LoRANetwork
+from lora_trainer.networks.network import LoRANetwork
 from lora_trainer.train import objectives
 from lora_trainer.train.callbacks import Callbacks
 from lora_trainer.train.loop import train

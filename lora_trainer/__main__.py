@@ -1,22 +1,14 @@
 """Command line: ``python -m lora_trainer <command> ...``.
 
-Each command is a ``register_*`` function that adds its subparser and sets ``handler`` to a
-function ``(args) -> exit code``; :data:`COMMANDS` lists them. To add ``train --config FILE``,
-write::
+Commands:
 
-    def register_train(subparsers):
-        p = subparsers.add_parser("train", help="train a LoRA from a config file")
-        p.add_argument("--config", required=True, metavar="FILE", help="TOML/JSON training config")
-        p.set_defaults(handler=_run_train)
+- ``inspect FILE [--json]``: describe a LoRA file (ours, kohya's or LyCORIS's): family, network
+  type, ranks and alphas per group, keys that match no module, metadata summary, hashes.
 
-    def _run_train(args) -> int:
-        from .train import ...   # import inside the handler: `inspect` stays light
-        ...
-        return 0
-
-and append ``register_train`` to :data:`COMMANDS`. Errors derived from
-``LoraTrainerError`` are printed as one ``error: ...`` line with exit code 1; argparse
-usage errors exit with 2.
+Each command is a ``register_*`` function in :data:`COMMANDS` that adds its subparser and sets
+``handler`` to a function ``(args) -> exit code``; a handler imports what it needs itself, so
+``--help`` stays light. Errors derived from ``LoraTrainerError`` are printed as one
+``error: ...`` line with exit code 1; argparse usage errors exit with 2.
 """
 
 from __future__ import annotations
@@ -46,7 +38,7 @@ def register_inspect(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from .inspect import format_report, inspect_lora
+    from lora_trainer.files.inspection import format_report, inspect_lora
 
     report = inspect_lora(args.file)
     if args.json:
@@ -56,7 +48,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# The commands, in the order `--help` lists them. `train` (register_train) goes here.
+# The commands, in the order `--help` lists them.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [register_inspect]
 
 

@@ -142,8 +142,15 @@ class ModelInfo:
 class Host(Protocol):
     """What a job needs from the program it runs in."""
 
-    lora_dir: Path  # where finished LoRAs go (the WebUI's --lora-dir)
-    work_dir: Path  # latent caches, resume states, samples
+    @property
+    def lora_dir(self) -> Path:
+        """Where finished LoRAs go (the WebUI's --lora-dir)."""
+        ...
+
+    @property
+    def work_dir(self) -> Path:
+        """Latent caches, resume states, samples."""
+        ...
 
     def model_info(self) -> ModelInfo: ...
 

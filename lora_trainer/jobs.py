@@ -2,7 +2,7 @@
 
 The UI, the REST API and the CLI all start training through a :class:`JobManager`.
 It talks to the program it runs in only through a :class:`Host`: the WebUI's host
-(``backends/webui.py``) maps it onto ``shared.sd_model``, ``shared.state`` and the
+(``lora_trainer.backends.webui.host``) maps it onto ``shared.sd_model``, ``shared.state`` and the
 GPU queue lock; tests use a stand-in over tiny models.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import TrainConfig
 from .contracts import Host
-from .data.dataset import scan_dataset
+from .data.scan import scan_dataset
 from .errors import IncompatibleModelError, LoraTrainerError
 from .log import logger
 from .train.callbacks import Callbacks, StepInfo

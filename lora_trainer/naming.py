@@ -25,10 +25,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
 
-from .errors import IncompatibleModelError
+from lora_trainer.errors import IncompatibleModelError
 
 UNET_ATTENTION_CLASSES = ("SpatialTransformer",)
 UNET_CONV_CLASSES = ("ResBlock", "Downsample", "Upsample")
@@ -81,7 +82,7 @@ def _layer_target(key: str, name: str, module: nn.Module, group: str) -> Target 
     if isinstance(module, nn.Linear):
         return Target(key, module, name, group, "linear", module.in_features, module.out_features)
     if isinstance(module, nn.Conv2d):
-        kernel = tuple(module.kernel_size)
+        kernel = cast("tuple[int, int]", tuple(module.kernel_size))
         kind = "conv1x1" if kernel == (1, 1) else "conv3x3"
         return Target(
             key,
@@ -92,10 +93,17 @@ def _layer_target(key: str, name: str, module: nn.Module, group: str) -> Target 
             module.in_channels,
             module.out_channels,
             kernel,
-            tuple(module.stride),
-            tuple(module.padding),
+            cast("tuple[int, int]", tuple(module.stride)),
+            cast("tuple[int, int]", tuple(module.padding)),
         )
     return None
+
+
+def _linear_target(key: str, name: str, module: nn.Module, group: str) -> Target:
+    target = _layer_target(key, name, module, group)
+    if target is None or target.kind != "linear":
+        raise IncompatibleModelError(f"{name} is not a Linear layer")
+    return target
 
 
 def _unet_prefix_diffusers(block_name: str) -> str:
@@ -167,7 +175,7 @@ def text_encoder_targets(encoder: nn.Module, group: str, family: str) -> Iterato
             for inner, module in block.named_modules():
                 if isinstance(module, nn.Linear):
                     path = f"{block_name}.{inner}"
-                    yield _layer_target(f"{prefix}_{path.replace('.', '_')}", path, module, group)
+                    yield _linear_target(f"{prefix}_{path.replace('.', '_')}", path, module, group)
         return
 
     blocks = [(int(m.group(1)), n) for n in names if (m := _OPENCLIP_LAYER.match(n))]
@@ -189,7 +197,7 @@ def text_encoder_targets(encoder: nn.Module, group: str, family: str) -> Iterato
             yield Target(f"{base}self_attn_{kind}_proj", attn, f"{block_name}.attn", group, f"mha_{kind}", e, e)
         for inner, renamed in _OPENCLIP_RENAMES.items():
             path = f"{block_name}.{inner}"
-            yield _layer_target(base + renamed, path, names[path], group)
+            yield _linear_target(base + renamed, path, names[path], group)
 
 
 def find_targets(
@@ -248,28 +256,38 @@ def kohya_names(family: str, conv: bool = True) -> list[str]:
         for i in range(n)
         for part in _TE_PARTS
     ]
-    if family == "sdxl":
-        depth = {1: 2, 2: 10}  # transformer depth per level (level 0 has none)
-        for n in range(1, 9):  # input_blocks: 2 per level, a downsampler after levels 0 and 1
-            level, i = divmod(n - 1, 3)
-            if i == 2:
-                keys += [f"lora_unet_input_blocks_{n}_0_op"] if conv else []
-                continue
-            if level in depth:
-                keys += _attention_keys(f"lora_unet_input_blocks_{n}_1", depth[level])
-            keys += _resnet_keys(f"lora_unet_input_blocks_{n}_0", n in (4, 7), True) if conv else []
-        keys += _attention_keys("lora_unet_middle_block_1", 10)
-        keys += [k for r in (0, 2) for k in _resnet_keys(f"lora_unet_middle_block_{r}", False, True)] if conv else []
-        for n in range(9):  # output_blocks: 3 per level from the deepest, an upsampler closing levels 2 and 1
-            level = 2 - n // 3
-            if level in depth:
-                keys += _attention_keys(f"lora_unet_output_blocks_{n}_1", depth[level])
-            if conv:
-                keys += _resnet_keys(f"lora_unet_output_blocks_{n}_0", True, True)
-                if n in (2, 5):
-                    keys.append(f"lora_unet_output_blocks_{n}_2_conv")
-        return keys
-    for b in range(4):  # SD1/SD2, diffusers names: attention in levels 0-2, one transformer block each
+    return keys + (_sdxl_unet_names(conv) if family == "sdxl" else _sd_unet_names(conv))
+
+
+def _sdxl_unet_names(conv: bool) -> list[str]:
+    """SDXL UNet, compvis names: attention in levels 1 and 2 only."""
+    depth = {1: 2, 2: 10}  # transformer depth per level (level 0 has none)
+    keys: list[str] = []
+    for n in range(1, 9):  # input_blocks: 2 per level, a downsampler after levels 0 and 1
+        level, i = divmod(n - 1, 3)
+        if i == 2:
+            keys += [f"lora_unet_input_blocks_{n}_0_op"] if conv else []
+            continue
+        if level in depth:
+            keys += _attention_keys(f"lora_unet_input_blocks_{n}_1", depth[level])
+        keys += _resnet_keys(f"lora_unet_input_blocks_{n}_0", n in (4, 7), True) if conv else []
+    keys += _attention_keys("lora_unet_middle_block_1", 10)
+    keys += [k for r in (0, 2) for k in _resnet_keys(f"lora_unet_middle_block_{r}", False, True)] if conv else []
+    for n in range(9):  # output_blocks: 3 per level from the deepest, an upsampler closing levels 2 and 1
+        level = 2 - n // 3
+        if level in depth:
+            keys += _attention_keys(f"lora_unet_output_blocks_{n}_1", depth[level])
+        if conv:
+            keys += _resnet_keys(f"lora_unet_output_blocks_{n}_0", True, True)
+            if n in (2, 5):
+                keys.append(f"lora_unet_output_blocks_{n}_2_conv")
+    return keys
+
+
+def _sd_unet_names(conv: bool) -> list[str]:
+    """SD1/SD2 UNet, diffusers names: attention in levels 0-2, one transformer block each."""
+    keys: list[str] = []
+    for b in range(4):
         if b < 3:
             keys += [k for i in range(2) for k in _attention_keys(f"lora_unet_down_blocks_{b}_attentions_{i}", 1)]
         if conv:

@@ -10,10 +10,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from lora_trainer.config import PRESETS, TrainConfig
+from lora_trainer.credentials import parse_credentials
 from lora_trainer.jobs import JobManager
-from lora_trainer.webui.api import PREFIX, config_from_request, mount, parse_credentials
+from lora_trainer.webui.api import PREFIX, config_from_request, mount
 from tests.fixtures.host import FakeHost
-from tests.test_train_loop import make_config
+from tests.fixtures.training import make_config
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import threading
 import pytest
 
 from tests.fixtures.browser import browser_page  # skips without playwright/chromium, except in CI
+from tests.fixtures.training import make_dataset
 from tests.fixtures.ui_app import launch
-from tests.test_train_loop import make_dataset
 
 pytestmark = pytest.mark.browser
 

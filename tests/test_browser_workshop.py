@@ -18,8 +18,8 @@ import pytest
 
 from lora_trainer.workshop import Workspace
 from tests.fixtures.browser import browser_page  # skips without playwright/chromium, except in CI
+from tests.fixtures.images import COLOURS, make_image
 from tests.fixtures.ui_app import launch
-from tests.test_workshop_ui import COLOURS, make_image
 
 pytestmark = pytest.mark.browser
 

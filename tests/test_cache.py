@@ -9,9 +9,11 @@ from PIL import Image
 from safetensors import safe_open
 
 from lora_trainer.data.buckets import BucketSettings
-from lora_trainer.data.cache import LatentCache, LatentRequest, cache_key, file_sha256
-from lora_trainer.data.dataset import TrainDataset, scan_dataset
+from lora_trainer.data.cache import LatentCache, LatentRequest, cache_key
+from lora_trainer.data.dataset import TrainDataset
+from lora_trainer.data.scan import scan_dataset
 from lora_trainer.errors import DatasetError
+from lora_trainer.files.hashes import file_sha256
 from tests.fixtures.files import tree_hashes
 
 SMALL = BucketSettings(resolution=(64, 64), min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16)

@@ -14,18 +14,21 @@ import toml
 
 from lora_trainer import config as C
 from lora_trainer.config import (
-    FIELDS,
     PRESETS,
     DatasetConfig,
     NetworkConfig,
     OptimConfig,
     TrainConfig,
     json_schema,
+    kohya_toml,
     list_presets,
     load_preset,
     parse_toml,
 )
+from lora_trainer.config.validate import FIELD_CHECKS
 from lora_trainer.errors import ConfigError
+from lora_trainer.log import logger
+from lora_trainer.webui.fields import FIELDS, WIDGETS
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -40,7 +43,7 @@ def valid_config(**updates) -> TrainConfig:
 
 
 def leaf_paths_by_walking() -> list[str]:
-    """Every leaf field, found independently of config.FIELDS."""
+    """Every leaf field, found independently of webui.fields.FIELDS."""
     paths = []
     for group in dataclasses.fields(TrainConfig):
         assert dataclasses.is_dataclass(group.default_factory)
@@ -131,7 +134,7 @@ def changed_config() -> TrainConfig:
 def toml_reader(request, monkeypatch):
     """Read TOML with tomllib (Python 3.11+) and with the toml package (Python 3.10, and kohya's reader)."""
     if request.param == "toml":
-        monkeypatch.setattr(C, "_tomllib", None)
+        monkeypatch.setattr(kohya_toml, "_tomllib", None)
     return request.param
 
 
@@ -145,9 +148,9 @@ def log_records():
             records.append(record)
 
     handler = _Keep(level=logging.DEBUG)
-    C.logger.addHandler(handler)
+    logger.addHandler(handler)
     yield records
-    C.logger.removeHandler(handler)
+    logger.removeHandler(handler)
 
 
 def kohya_read_config(text: str) -> dict:
@@ -693,7 +696,7 @@ def test_every_limited_field_has_an_invalid_case():
     limited = {
         f.path
         for f in FIELDS
-        if f.minimum is not None or f.maximum is not None or f.choices is not None or f.path in C._FIELD_CHECKS
+        if f.minimum is not None or f.maximum is not None or f.choices is not None or f.path in FIELD_CHECKS
     }
     covered = {field for _, field, _ in INVALID}
     assert limited <= covered, sorted(limited - covered)
@@ -772,7 +775,7 @@ def test_json_schema_covers_every_field():
     for path in paths:
         group, name = path.split(".")
         prop = schema["properties"][group]["properties"][name]
-        assert prop["description"] == C._LEAF_BY_PATH[path].meta["help"]
+        assert prop["description"] == C.LEAF_BY_PATH[path].meta["help"]
         assert prop["default"] == defaults[path]
         assert "type" in prop or "oneOf" in prop
     network = schema["properties"]["network"]["properties"]
@@ -805,7 +808,7 @@ def test_fields_cover_every_leaf_exactly():
     assert len(set(paths)) == len(paths)
     for f in FIELDS:
         assert f.label.strip() and f.help.strip(), f.path
-        assert f.widget in C.WIDGETS, f.path
+        assert f.widget in WIDGETS, f.path
         assert (f.widget == "dropdown") == (f.choices is not None), f.path
     by_path = {f.path: f for f in FIELDS}
     assert by_path["network.network_dim"][:4] == ("network.network_dim", "Rank (network_dim)", "int", None)
@@ -831,7 +834,7 @@ def test_kohya_names():
         assert name in kohya.values(), name
     assert kohya["network.train_unet"] == "network_train_text_encoder_only"
     assert kohya["network.train_text_encoder"] == "network_train_unet_only"
-    network_args = {f.kohya for f in FIELDS if C._LEAF_BY_PATH[f.path].meta.get("kohya_network_arg")}
+    network_args = {f.kohya for f in FIELDS if C.LEAF_BY_PATH[f.path].meta.get("kohya_network_arg")}
     assert network_args == {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"}
     assert not set(kohya.values()) & C.KOHYA_UNMAPPED  # a kohya name is either ours or reported as ignored
 

@@ -10,19 +10,19 @@ from PIL import Image
 
 from lora_trainer.data import dataset as dataset_mod
 from lora_trainer.data.buckets import BucketSettings
-from lora_trainer.data.dataset import (
-    ImageItem,
-    TrainDataset,
-    dataset_dirs_info,
-    dataset_tag_frequency,
-    scan_dataset,
-)
+from lora_trainer.data.dataset import TrainDataset
 from lora_trainer.data.images import (
-    IMAGE_EXTENSIONS,
     load_image_rgb,
     pil_to_tensor,
     read_image_size,
     resize_and_crop,
+)
+from lora_trainer.data.layout import IMAGE_EXTENSIONS
+from lora_trainer.data.scan import (
+    ImageItem,
+    dataset_dirs_info,
+    dataset_tag_frequency,
+    scan_dataset,
 )
 from lora_trainer.errors import ConfigError, DatasetError
 from tests.fixtures.files import tree_hashes
@@ -492,6 +492,6 @@ def test_workshop_state_folder_is_skipped_silently_but_other_hidden_folders_are_
     for hidden in (tmp_path / ".workshop", tmp_path / ".trash"):
         hidden.mkdir()
         Image.new("RGB", (64, 64)).save(hidden / "b.png")
-    items = dataset_mod.scan_dataset(tmp_path)
+    items = scan_dataset(tmp_path)
     assert [i.path.name for i in items] == ["a.png"]
     assert items.report.hidden_files == [tmp_path / ".trash"]

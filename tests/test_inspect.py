@@ -1,4 +1,4 @@
-"""lora_trainer.inspect and ``python -m lora_trainer inspect``."""
+"""lora_trainer.files.inspection and ``python -m lora_trainer inspect``."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from lora_trainer import io as lio
 from lora_trainer.__main__ import main
 from lora_trainer.errors import LoraFileError
-from lora_trainer.inspect import NETWORK_TYPES, detect_family, format_report, inspect_lora
+from lora_trainer.files import hashes, kohya_metadata, lora_file
+from lora_trainer.files.inspection import NETWORK_TYPES, detect_family, format_report, inspect_lora
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parent.parent
@@ -74,7 +74,7 @@ EXPECTED_GROUPS = {"sd1": ("te", "unet"), "sd2": ("te", "unet"), "sdxl": ("te1",
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_golden_layout_with_our_metadata(tmp_path, fake_naming, family, conv):
     sd = kohya_state_dict(family, conv)
-    info = lio.TrainingInfo(
+    info = kohya_metadata.TrainingInfo(
         family=family,
         output_name=f"{family}_lora",
         network_dim=RANK,
@@ -86,7 +86,7 @@ def test_golden_layout_with_our_metadata(tmp_path, fake_naming, family, conv):
         steps=100,
         epoch=2,
     )
-    path = lio.save_lora(tmp_path / "x.safetensors", sd, lio.build_metadata(info))
+    path = lora_file.save_lora(tmp_path / "x.safetensors", sd, kohya_metadata.build_metadata(info))
     report = inspect_lora(path)
 
     counts = golden(family)["counts"]
@@ -128,7 +128,7 @@ def test_family_from_keys_without_metadata(tmp_path, family, conv):
     assert report["v_prediction"] is None
     assert report["metadata_key_count"] == 0
     assert report["hashes"]["sshs_model_hash"] is None
-    assert report["hashes"]["data_sha256"] == lio.file_data_sha256(path)
+    assert report["hashes"]["data_sha256"] == hashes.file_data_sha256(path)
     assert "metadata  none" in format_report(report)
 
 
@@ -208,7 +208,7 @@ def test_metadata_family_wins_but_disagreement_is_reported(tmp_path):
 )
 def test_family_from_metadata_variants(metadata, family, v_pred):
     assert detect_family(metadata, {})[0] == family
-    from lora_trainer.inspect import _family_from_metadata
+    from lora_trainer.files.inspection import _family_from_metadata
 
     assert _family_from_metadata(metadata)[:2] == (family, v_pred)
 
@@ -342,8 +342,8 @@ def test_unplaced_and_incomplete(tmp_path):
 
 
 def test_hash_mismatch_is_detected(tmp_path):
-    path = lio.save_lora(tmp_path / "h.safetensors", kohya_state_dict("sd1", False), {"ss_output_name": "h"})
-    tensors, metadata = lio.load_lora(path)
+    path = lora_file.save_lora(tmp_path / "h.safetensors", kohya_state_dict("sd1", False), {"ss_output_name": "h"})
+    tensors, metadata = lora_file.load_lora(path)
     tensors[f"{SD1_Q}.alpha"] = torch.tensor(3.0, dtype=torch.float16)  # edited after saving
     safetensors.torch.save_file(tensors, str(path), metadata)
     report = inspect_lora(path)
@@ -363,10 +363,10 @@ def test_non_lora_file_is_a_clear_error(tmp_path):
 
 
 def test_cli_table_and_json(tmp_path, capsys):
-    path = lio.save_lora(
+    path = lora_file.save_lora(
         tmp_path / "c.safetensors",
         kohya_state_dict("sd1", True),
-        lio.build_metadata(lio.TrainingInfo(family="sd1", output_name="cli_lora", conv_dim=2, conv_alpha=1)),
+        kohya_metadata.build_metadata(kohya_metadata.TrainingInfo(family="sd1", output_name="cli_lora", conv_dim=2, conv_alpha=1)),
     )
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
@@ -392,7 +392,7 @@ def test_cli_errors(tmp_path, capsys):
 
 
 def test_cli_subprocess_exit_codes(tmp_path):
-    good = lio.save_lora(tmp_path / "g.safetensors", kohya_state_dict("sd1", False), {})
+    good = lora_file.save_lora(tmp_path / "g.safetensors", kohya_state_dict("sd1", False), {})
     pickle = tmp_path / "p.pt"
     torch.save({"a": torch.zeros(1)}, pickle)
 

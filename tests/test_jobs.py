@@ -7,7 +7,7 @@ import pytest
 from lora_trainer.errors import ConfigError, DatasetError, IncompatibleModelError
 from lora_trainer.jobs import JobBusyError, JobManager, UnknownJobError
 from tests.fixtures.host import FakeHost
-from tests.test_train_loop import make_config
+from tests.fixtures.training import make_config
 
 
 def config(tmp_path, **overrides):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lora_trainer.naming import find_targets, kohya_names
-from lora_trainer.networks import LoRANetwork
+from lora_trainer.networks.network import LoRANetwork
 from tests.fixtures.webui_models import build_webui_model, components
 
 DATA = Path(__file__).parent / "data"
@@ -71,8 +71,10 @@ def test_unet_only_and_text_encoder_only_split_the_key_set(full_model):
     everything = {t.key for t in find_targets(family, unet, text_encoders)}
     unet_only = {t.key for t in find_targets(family, unet, None)}
     te_only = {t.key for t in find_targets(family, None, text_encoders)}
-    assert unet_only and te_only
-    assert unet_only | te_only == everything and not unet_only & te_only
+    assert unet_only
+    assert te_only
+    assert unet_only | te_only == everything
+    assert not unet_only & te_only
     assert all(k.startswith("lora_unet_") for k in unet_only)
     assert all(k.startswith("lora_te") for k in te_only)
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lora_trainer.naming import Target
-from lora_trainer.networks import LoRANetwork
+from lora_trainer.networks.network import LoRANetwork
 
 
 def linear_target(module, key="lora_unet_x"):
@@ -45,11 +45,12 @@ def test_fresh_network_changes_nothing_and_has_kohya_layout():
     assert set(sd) == {"lora_unet_x.lora_down.weight", "lora_unet_x.lora_up.weight", "lora_unet_x.alpha"}
     assert sd["lora_unet_x.lora_down.weight"].shape == (4, 8)
     assert sd["lora_unet_x.lora_up.weight"].shape == (6, 4)
-    assert sd["lora_unet_x.alpha"].shape == () and sd["lora_unet_x.alpha"].item() == 2.0
+    assert sd["lora_unet_x.alpha"].shape == ()
+    assert sd["lora_unet_x.alpha"].item() == 2.0
     assert not torch.all(sd["lora_unet_x.lora_down.weight"] == 0)
 
 
-@pytest.mark.parametrize("alpha, scale", [(2.0, 0.5), (None, 1.0), (0, 1.0), (8.0, 2.0)])
+@pytest.mark.parametrize(("alpha", "scale"), [(2.0, 0.5), (None, 1.0), (0, 1.0), (8.0, 2.0)])
 def test_alpha_scale_as_kohya(alpha, scale):
     network = LoRANetwork([linear_target(nn.Linear(4, 4))], rank=4, alpha=alpha)
     lora = next(network.loras())
@@ -130,7 +131,8 @@ def test_mha_gradients_reach_qkv_loras():
     with network.applied():
         mha(x, x, x, need_weights=False)[0].square().sum().backward()
     for lora in network.loras():
-        assert lora.lora_down.weight.grad is not None and lora.lora_down.weight.grad.abs().sum() > 0, lora.key
+        assert lora.lora_down.weight.grad is not None, lora.key
+        assert lora.lora_down.weight.grad.abs().sum() > 0, lora.key
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -155,8 +157,10 @@ def test_base_tensors_bit_identical_after_training_and_removal(dtype):
             opt.step()
     after = [*model.state_dict().items(), *mha.state_dict().items()]
     for k, v in after:
-        assert v.dtype == dtype and torch.equal(v, before[k]), k
-    assert not model[0]._forward_hooks and "forward" not in mha.__dict__
+        assert v.dtype == dtype, k
+        assert torch.equal(v, before[k]), k
+    assert not model[0]._forward_hooks
+    assert "forward" not in mha.__dict__
     assert network.state_dict()["a.lora_up.weight"].abs().sum() > 0  # it did train
 
 
@@ -164,10 +168,17 @@ def test_removed_after_exception_mid_step():
     layer = nn.Linear(4, 4)
     mha = nn.MultiheadAttention(4, 1)
     network = LoRANetwork([linear_target(layer), *mha_targets(mha)], rank=2, alpha=1)
-    with pytest.raises(RuntimeError, match="boom"), network.applied():
-        layer(torch.randn(1, 4))
-        raise RuntimeError("boom")
-    assert not layer._forward_hooks and "forward" not in mha.__dict__ and not network.is_applied
+
+    def step():
+        with network.applied():
+            layer(torch.randn(1, 4))
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        step()
+    assert not layer._forward_hooks
+    assert "forward" not in mha.__dict__
+    assert not network.is_applied
 
 
 def test_module_dropout_and_rank_dropout_only_in_training():
@@ -182,7 +193,8 @@ def test_module_dropout_and_rank_dropout_only_in_training():
     assert torch.equal(reference, lora.delta(x))
     network.train()
     outputs = [lora.delta(x) for _ in range(40)]
-    assert any(o is None for o in outputs) and any(o is not None for o in outputs)
+    assert any(o is None for o in outputs)
+    assert any(o is not None for o in outputs)
     kept = [o for o in outputs if o is not None]
     assert not torch.allclose(kept[0], reference)
 

@@ -4,62 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import random
 
 import pytest
 import torch
-from PIL import Image
 
-from lora_trainer.config import TrainConfig
 from lora_trainer.contracts import SizeCond
 from lora_trainer.data.buckets import BucketSettings
-from lora_trainer.data.dataset import TrainDataset, scan_dataset
+from lora_trainer.data.dataset import TrainDataset
+from lora_trainer.data.scan import scan_dataset
 from lora_trainer.errors import ConfigError, DatasetError
-from lora_trainer.io import load_lora
+from lora_trainer.files.lora_file import load_lora
 from lora_trainer.naming import find_targets
-from lora_trainer.networks import network_from_weights
+from lora_trainer.networks.network import network_from_weights
 from lora_trainer.train import objectives
 from lora_trainer.train.callbacks import Callbacks
 from lora_trainer.train.loop import train
+from tests.fixtures.training import make_config
 from tests.fixtures.webui_models import TinyAdapter
-
-
-def make_dataset(root, n=2, size=64, folder="2_subject"):
-    """n distinct images with captions in kohya's N_name layout."""
-    sub = root / folder
-    sub.mkdir(parents=True)
-    rng = random.Random(0)
-    for i in range(n):
-        img = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
-        for x in range(0, size, 8):
-            img.putpixel((x, (x * (i + 3)) % size), (255, 255, 255))
-        img.save(sub / f"img{i}.png")
-        (sub / f"img{i}.txt").write_text(f"subject, photo {i}, red background")
-    return root
-
-
-def make_config(tmp_path, **overrides) -> TrainConfig:
-    data = make_dataset(tmp_path / "data") if not (tmp_path / "data").exists() else tmp_path / "data"
-    cfg = TrainConfig()
-    cfg.dataset.train_data_dir = str(data)
-    cfg.dataset.resolution = 64
-    cfg.dataset.enable_bucket = False
-    cfg.dataset.max_token_length = 75
-    cfg.network.network_dim = 4
-    cfg.network.network_alpha = 4
-    cfg.optim.optimizer_type = "AdamW"
-    cfg.optim.learning_rate = 1e-3
-    cfg.optim.lr_scheduler = "constant"
-    cfg.training.max_train_steps = 6
-    cfg.training.train_batch_size = 1
-    cfg.training.mixed_precision = "no"
-    cfg.training.seed = 1234
-    cfg.save.output_dir = str(tmp_path / "out")
-    cfg.save.output_name = "tiny"
-    for path, value in overrides.items():
-        group, name = path.split(".")
-        setattr(getattr(cfg, group), name, value)
-    return cfg
 
 
 def model_snapshot(adapter):

@@ -14,13 +14,14 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from lora_trainer.config import FIELDS, GROUPS, PRESETS, TrainConfig, load_preset
+from lora_trainer.config import GROUPS, PRESETS, TrainConfig, load_preset
 from lora_trainer.errors import ConfigError
 from lora_trainer.jobs import JobManager
 from lora_trainer.webui import fields, render
+from lora_trainer.webui.fields import FIELDS
 from lora_trainer.webui.ui import RESYNC_EVERY, _Actions, create_tab
 from tests.fixtures.host import FakeHost
-from tests.test_train_loop import make_config
+from tests.fixtures.training import make_config
 
 REPO = Path(__file__).resolve().parents[1]
 WIDGET_CLASSES = {
@@ -416,16 +417,19 @@ def test_apply_a_builtin_preset(actions):
 
 @pytest.fixture()
 def fake_webui(monkeypatch, tmp_path):
-    """Stand-ins for modules.script_callbacks, lora_trainer.backends.webui and lora_trainer.webui.api."""
+    """Stand-ins for modules.script_callbacks, the backend's host and options modules,
+    lora_trainer.webui.settings and lora_trainer.webui.api."""
     calls: dict[str, list] = {"registered": [], "settings": [], "mount": []}
     callbacks = types.ModuleType("modules.script_callbacks")
     for name in ("on_ui_tabs", "on_ui_settings", "on_app_started"):
         setattr(callbacks, name, lambda fn, _name=name: calls["registered"].append((_name, fn)))
     modules = types.ModuleType("modules")
     modules.script_callbacks = callbacks
-    backend = types.ModuleType("lora_trainer.backends.webui")
-    backend.WebUIHost = lambda: FakeHost(tmp_path / "webui")
-    backend.register_settings = lambda: calls["settings"].append(True)
+    host = types.ModuleType("lora_trainer.backends.webui.host")
+    host.WebUIHost = lambda: FakeHost(tmp_path / "webui")
+    settings = types.ModuleType("lora_trainer.webui.settings")
+    settings.register_settings = lambda: calls["settings"].append(True)
+    backend = types.ModuleType("lora_trainer.backends.webui.options")
     backend.api_enabled = lambda: backend.enabled
     backend.api_auth = lambda: ("user", "secret")
     backend.enabled = False
@@ -433,7 +437,9 @@ def fake_webui(monkeypatch, tmp_path):
     api.mount = lambda app, manager, *, auth=None, preset_dir=None: calls["mount"].append((app, manager, auth))
     monkeypatch.setitem(sys.modules, "modules", modules)
     monkeypatch.setitem(sys.modules, "modules.script_callbacks", callbacks)
-    monkeypatch.setitem(sys.modules, "lora_trainer.backends.webui", backend)
+    monkeypatch.setitem(sys.modules, "lora_trainer.backends.webui.host", host)
+    monkeypatch.setitem(sys.modules, "lora_trainer.backends.webui.options", backend)
+    monkeypatch.setitem(sys.modules, "lora_trainer.webui.settings", settings)
     monkeypatch.setitem(sys.modules, "lora_trainer.webui.api", api)
     from lora_trainer.webui import runtime
 
@@ -500,14 +506,14 @@ def test_runtime_over_the_real_webui_backend(monkeypatch, tmp_path):
 
     fake = FakeWebUI(tmp_path / "webui")
     with fake.installed():
-        backend = fake.backend
+        backend = fake.backend.options
         monkeypatch.setattr(runtime, "_manager", None)
         fake.opts.data[backend.OPT_PRESET] = "quick-test"
         fake.opts.data[backend.OPT_SAMPLER] = "DPM++ 2M"
 
         [(tab, title, elem_id)] = runtime.on_ui_tabs()
         assert (title, elem_id) == ("LoRA Train", "lora_train")
-        assert type(runtime.manager().host) is backend.WebUIHost
+        assert type(runtime.manager().host) is fake.backend.host.WebUIHost
         assert runtime.preset_dir() == Path(fake.root) / "lora_train" / "presets"
         model_line = next(b for b in tab.blocks.values() if getattr(b, "elem_id", None) == "lora_train_model_info")
         assert "tiny-sd1.safetensors" in model_line.value and "SD 1.x" in model_line.value

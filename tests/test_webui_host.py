@@ -22,13 +22,14 @@ from torch import nn
 
 from lora_trainer.contracts import FAMILIES, SizeCond
 from lora_trainer.errors import IncompatibleModelError, LoraFileError
-from lora_trainer.io import load_lora, save_lora
+from lora_trainer.files.lora_file import load_lora, save_lora
 from lora_trainer.jobs import JobManager
 from lora_trainer.naming import find_targets
-from lora_trainer.networks import LoRANetwork
+from lora_trainer.networks.network import LoRANetwork
+from lora_trainer.webui.settings import register_settings
 from tests.fixtures.fake_webui import SAMPLERS, FakeWebUI
+from tests.fixtures.training import make_config
 from tests.fixtures.webui_models import TinyAdapter, build_webui_model, webui_text_encoders
-from tests.test_train_loop import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TE_GROUPS = {"sd1": ("te",), "sd2": ("te",), "sdxl": ("te1", "te2")}
@@ -104,19 +105,24 @@ def test_core_imports_without_the_webui_or_gradio():
         import importlib, pkgutil, sys
         sys.modules["modules"] = sys.modules["gradio"] = sys.modules["networks"] = None
         import lora_trainer
-        allowed = {"lora_trainer.backends.webui", "lora_trainer.webui.ui"}
-        failed = []
+        allowed = {"lora_trainer.webui.ui", "lora_trainer.webui.workshop_ui"}  # gradio at import time
+        backend, failed = [], []
         for info in pkgutil.walk_packages(lora_trainer.__path__, "lora_trainer."):
-            if info.name not in allowed:
+            if info.name.startswith("lora_trainer.backends.webui."):
+                backend.append(info.name)
+            elif info.name not in allowed:
                 try:
                     importlib.import_module(info.name)
                 except Exception as e:
                     failed.append(f"{info.name}: {type(e).__name__}: {e}")
-        try:
-            importlib.import_module("lora_trainer.backends.webui")
-            failed.append("lora_trainer.backends.webui imported without the WebUI")
-        except ImportError:
-            pass
+        if not backend:
+            failed.append("no lora_trainer.backends.webui modules found")
+        for name in backend:
+            try:
+                importlib.import_module(name)
+                failed.append(f"{name} imported without the WebUI")
+            except ImportError:
+                pass
         print("\\n".join(failed))
         sys.exit(1 if failed else 0)
         """
@@ -144,7 +150,7 @@ def test_stand_in_webui_is_gone_after_the_test():
 def test_adapter_matches_the_reference_adapter(make_webui, family):
     """Images, text and denoiser through the WebUI's calls give what TinyAdapter computes directly."""
     fake = make_webui(family)
-    host = fake.backend.WebUIHost()
+    host = fake.backend.host.WebUIHost()
     reference = TinyAdapter(family)  # same seed, same weights
     with host.training_session() as adapter:
         assert (adapter.family, adapter.prediction_type) == (family, "epsilon")
@@ -182,7 +188,7 @@ def test_adapter_matches_the_reference_adapter(make_webui, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_text_encoder_lora_gets_gradients_through_the_webui_conditioning(make_webui, family):
     fake = make_webui(family)
-    host = fake.backend.WebUIHost()
+    host = fake.backend.host.WebUIHost()
     with host.training_session() as adapter:
         network = LoRANetwork(find_targets(family, adapter.unet, adapter.text_encoders), rank=2, alpha=2)
         for lora in network.loras():
@@ -205,7 +211,7 @@ def test_text_encoder_lora_gets_gradients_through_the_webui_conditioning(make_we
 def test_sd2_v_prediction_and_its_clip_skip(make_webui):
     fake = make_webui("sd2")
     fake.sd_model.parameterization = "v"
-    host = fake.backend.WebUIHost()
+    host = fake.backend.host.WebUIHost()
     assert host.model_info().family == "sd2"
     wrapped = fake.sd_model.cond_stage_model.wrapped
     with host.training_session() as adapter:
@@ -218,7 +224,7 @@ def test_sd2_v_prediction_and_its_clip_skip(make_webui):
 
 def test_sd1_clip_skip_option_is_set_for_the_run_only(make_webui):
     fake = make_webui("sd1")
-    host = fake.backend.WebUIHost()
+    host = fake.backend.host.WebUIHost()
     reference = TinyAdapter("sd1")
     with host.training_session() as adapter:
         assert adapter.default_clip_skip == 1
@@ -241,7 +247,7 @@ def test_sd1_clip_skip_option_is_set_for_the_run_only(make_webui):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_job_on_each_family_leaves_the_model_as_found(make_webui, tmp_path, family):
     fake = make_webui(family)
-    host = fake.backend.WebUIHost()
+    host = fake.backend.host.WebUIHost()
     before = snapshot(fake)
     overrides = {"network.train_text_encoder": True}
     if family == "sd1":
@@ -279,7 +285,7 @@ def test_training_job_on_each_family_leaves_the_model_as_found(make_webui, tmp_p
         assert len(job.samples) == 1 and len(fake.samples) == 1
     assert_left_as_found(before, snapshot(fake))
     assert fake.state.job == "" and fake.state.job_count == 0
-    assert fake.state.events == [("begin", host.task_id(job)), ("end", host.task_id(job))]
+    assert fake.state._events == [("begin", host.task_id(job)), ("end", host.task_id(job))]
     assert fake.progress.finished == [host.task_id(job)] and fake.progress.current_task is None
     assert fake.queue_lock.acquire(blocking=False)
     fake.queue_lock.release()
@@ -289,7 +295,7 @@ def test_training_job_on_each_family_leaves_the_model_as_found(make_webui, tmp_p
 @pytest.mark.parametrize(("family", "ending"), [("sd2", "cancel"), ("sdxl", "failure"), ("sd1", "failure")])
 def test_cancel_and_failure_leave_the_model_as_found(make_webui, tmp_path, family, ending):
     fake = make_webui(family)
-    host = fake.backend.WebUIHost()
+    host = fake.backend.host.WebUIHost()
     manager = JobManager(host)
     before = snapshot(fake)
     original_progress = host.on_job_progress
@@ -327,7 +333,7 @@ def test_cancel_and_failure_leave_the_model_as_found(make_webui, tmp_path, famil
 @pytest.mark.parametrize("button", ["interrupt", "stop_generating"])
 def test_the_webui_interrupt_button_stops_training(make_webui, tmp_path, button):
     fake = make_webui("sd1")
-    host = fake.backend.WebUIHost()
+    host = fake.backend.host.WebUIHost()
     original = host.on_job_progress
 
     def progress(job):
@@ -345,7 +351,7 @@ def test_the_webui_interrupt_button_stops_training(make_webui, tmp_path, button)
 
 def test_generation_waits_for_training_and_starts_with_a_clean_state(make_webui, tmp_path):
     fake = make_webui("sd1")
-    host = fake.backend.WebUIHost()
+    host = fake.backend.host.WebUIHost()
     manager = JobManager(host)
     at_step, release = threading.Event(), threading.Event()
     original = host.on_job_progress
@@ -379,7 +385,7 @@ def test_generation_waits_for_training_and_starts_with_a_clean_state(make_webui,
     assert job.state == "done", job.error
     assert seen == [("txt2img", -1)]  # our job's end did not end the generation's
     task = host.task_id(job)
-    assert fake.state.events == [("begin", task), ("end", task), ("begin", "txt2img"), ("end", "txt2img")]
+    assert fake.state._events == [("begin", task), ("end", task), ("begin", "txt2img"), ("end", "txt2img")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,7 +414,7 @@ def test_an_applied_lora_is_taken_off_before_training(make_webui):
     changed = [k for k in pristine if not torch.equal(pristine[k], merged[k])]
     assert any("in_proj_weight" in k for k in changed) and any("diffusion_model" in k for k in changed)
 
-    host = fake.backend.WebUIHost()
+    host = fake.backend.host.WebUIHost()
     with host.training_session():
         assert fake.lora.loaded_networks == []
         assert all(torch.equal(v, pristine[k]) for k, v in fake.sd_model.state_dict().items())
@@ -422,7 +428,7 @@ def test_an_applied_lora_is_taken_off_before_training(make_webui):
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_verify_lora_reports_what_the_webui_loader_does_not_place(make_webui, family):
     fake = make_webui(family)
-    host = fake.backend.WebUIHost()
+    host = fake.backend.host.WebUIHost()
     path, state = write_lora(fake, "mine", conv=True)
     assert host.verify_lora(path) == []
     assert ("load_network", "mine") in fake.lora.calls
@@ -458,7 +464,7 @@ def test_ldm_block_checkpointing_is_off_for_the_run(make_webui):
     res_block = unet.input_blocks[1][0]
     transformer_block = unet.input_blocks[4][1].transformer_blocks[0]
     res_block.use_checkpoint = transformer_block.checkpoint = True
-    host = fake.backend.WebUIHost()
+    host = fake.backend.host.WebUIHost()
     with host.training_session():
         assert res_block.use_checkpoint is False and transformer_block.checkpoint is False
     assert res_block.use_checkpoint is True and transformer_block.checkpoint is True
@@ -466,7 +472,7 @@ def test_ldm_block_checkpointing_is_off_for_the_run(make_webui):
 
 def test_verify_lora_without_the_lora_extension_uses_our_loader(make_webui, monkeypatch):
     fake = make_webui("sd1")
-    host = fake.backend.WebUIHost()
+    host = fake.backend.host.WebUIHost()
     path, state = write_lora(fake, "mine")
     monkeypatch.setitem(sys.modules, "networks", None)
     assert host.verify_lora(path) == []
@@ -478,7 +484,7 @@ def test_verify_lora_without_the_lora_extension_uses_our_loader(make_webui, monk
 
 def test_verify_lora_reports_a_file_the_webui_cannot_load(make_webui):
     fake = make_webui("sd1")
-    host = fake.backend.WebUIHost()
+    host = fake.backend.host.WebUIHost()
     path, state = write_lora(fake, "mine")
     key = next(k for k in state if k.endswith(".lora_up.weight"))
     del state[key]
@@ -492,7 +498,7 @@ def test_verify_lora_reports_a_file_the_webui_cannot_load(make_webui):
 
 def test_medvram_lowvram_and_fp8_are_refused(make_webui, tmp_path):
     fake = make_webui("sd1")
-    host = fake.backend.WebUIHost()
+    host = fake.backend.host.WebUIHost()
     assert host.model_info().problem is None
     fake.cmd_opts.medvram_sdxl = True
     assert host.model_info().problem is None  # only for SDXL models
@@ -514,7 +520,7 @@ def test_medvram_lowvram_and_fp8_are_refused(make_webui, tmp_path):
 def test_medvram_sdxl_is_refused_for_sdxl(make_webui):
     fake = make_webui("sdxl")
     fake.cmd_opts.medvram_sdxl = True
-    assert "--medvram-sdxl" in fake.backend.WebUIHost().model_info().problem
+    assert "--medvram-sdxl" in fake.backend.host.WebUIHost().model_info().problem
 
 
 def _rename_class(module: nn.Module, name: str) -> None:
@@ -549,7 +555,7 @@ def test_unsupported_models_are_refused_with_a_reason(make_webui, kind):
     family, change, reason = UNSUPPORTED[kind]
     fake = make_webui(family)
     change(fake.sd_model)
-    host = fake.backend.WebUIHost()
+    host = fake.backend.host.WebUIHost()
     info = host.model_info()
     assert info.family is None and reason in info.problem and info.checkpoint.startswith(f"tiny-{family}")
     with pytest.raises(IncompatibleModelError, match=reason), host.training_session():
@@ -559,7 +565,7 @@ def test_unsupported_models_are_refused_with_a_reason(make_webui, kind):
 def test_no_model_loaded(make_webui):
     fake = make_webui("sd1")
     fake.set_model(None)
-    host = fake.backend.WebUIHost()
+    host = fake.backend.host.WebUIHost()
     info = host.model_info()
     assert info.family is None and info.checkpoint == "" and "no model is loaded" in info.problem
     with pytest.raises(IncompatibleModelError, match="no model is loaded"), host.training_session():
@@ -572,7 +578,7 @@ def test_no_model_loaded(make_webui):
 
 def test_previews_run_the_webui_txt2img_with_the_network_attached(make_webui, tmp_path):
     fake = make_webui("sd1")
-    host = fake.backend.WebUIHost()
+    host = fake.backend.host.WebUIHost()
     processing = sys.modules["modules.processing"]
     cfg = job_config(tmp_path)
     cfg.sample.sample_sampler, cfg.sample.sample_steps, cfg.sample.sample_cfg = "Euler", 7, 5.0
@@ -594,7 +600,7 @@ def test_previews_run_the_webui_txt2img_with_the_network_attached(make_webui, tm
     assert (p.sampler_name, p.steps, p.cfg_scale, p.width, p.height) == ("Euler", 7, 5.0, 64, 64)
     assert p.prompt == ["a cat", "a dog"] and p.n_iter == 2 and p.batch_size == 1
     assert p.override_settings == {"sd_model_checkpoint": title} and p.disable_extra_networks
-    assert p.do_not_save_samples and p.do_not_save_grid and p.closed
+    assert p.do_not_save_samples and p.do_not_save_grid and p._closed
     assert second["p"].seed == p.seed  # unset sample_seed: one seed for the whole run
     assert first["hooks_on_unet"] > 0 and not first["grad_enabled"] and first["loaded_networks"] == 0
     assert first["cache_hits"] == 0 and second["cache_hits"] == 0  # no conditioning from before or between
@@ -621,11 +627,11 @@ def test_previews_run_the_webui_txt2img_with_the_network_attached(make_webui, tm
 
 def test_settings_section_folders_and_api_switches(make_webui, monkeypatch):
     fake = make_webui("sd1")
-    be = fake.backend
+    be = fake.backend.options
     gradio = types.ModuleType("gradio")
     gradio.Dropdown, gradio.Slider = "Dropdown", "Slider"
     monkeypatch.setitem(sys.modules, "gradio", gradio)
-    be.register_settings()
+    register_settings()
     labels = fake.opts.data_labels
     for key, default in be.SETTINGS.items():
         assert labels[key].section == ("lora_train", "LoRA Train") and labels[key].category_id == "training"
@@ -634,7 +640,7 @@ def test_settings_section_folders_and_api_switches(make_webui, monkeypatch):
     assert labels[be.OPT_SAMPLER].component_args()["choices"] == SAMPLERS
     assert be.sample_defaults() == {"sample_sampler": "Euler a", "sample_steps": 20}
 
-    host = be.WebUIHost()
+    host = fake.backend.host.WebUIHost()
     lora_dir = Path(fake.cmd_opts.lora_dir)
     assert host.lora_dir == lora_dir and host.work_dir == Path(fake.cmd_opts.data_dir) / "lora_train"
     fake.opts.data[be.OPT_SUBFOLDER] = "trained\\mine"
@@ -652,18 +658,18 @@ def test_settings_section_folders_and_api_switches(make_webui, monkeypatch):
 
 def test_captioning_helpers_use_the_webui_models(make_webui):
     fake = make_webui("sd1")
-    be = fake.backend
+    be = fake.backend.captioners
     bright = Image.new("RGB", (100, 60), (250, 250, 250))
     dark = Image.new("L", (64, 64), 10)
     tags = be.deepbooru_tags(bright)
     assert [t for t, _ in tags] == ["bright", "1girl", "long_hair"]  # best first; below 0.5 and ratings dropped
     assert tags[0][1] == pytest.approx(250 / 255, abs=1e-3)
     assert "rating:safe" in [t for t, _ in be.deepbooru_tags(dark, 0.5, include_ratings=True)]
-    fake.deepbooru.events.clear()
+    fake.deepbooru._events.clear()
     many = be.deepbooru_tags_many([bright, dark], threshold=0.8)
     assert [[t for t, _ in r] for r in many] == [["bright", "1girl"], ["1girl"]]
-    assert fake.deepbooru.events == ["start", "stop"]  # loaded to the GPU once for the batch
+    assert fake.deepbooru._events == ["start", "stop"]  # loaded to the GPU once for the batch
 
     assert be.blip_caption(bright) == "a picture of 100x60 pixels, mean 250"
     assert be.blip_captions([dark, bright])[0] == "a picture of 64x64 pixels, mean 10"
-    assert fake.interrogator.events == ["load_blip_model", "send_blip_to_ram", "send_blip_to_ram"]
+    assert fake.interrogator._events == ["load_blip_model", "send_blip_to_ram", "send_blip_to_ram"]

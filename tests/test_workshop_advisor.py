@@ -9,7 +9,7 @@ import pytest
 
 from lora_trainer.errors import ConfigError
 from lora_trainer.workshop import Workspace, advise
-from tests.test_workshop_helpers import pattern, save
+from tests.fixtures.images import pattern, save
 
 
 def test_numbers_follow_kohya():

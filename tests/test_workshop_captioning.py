@@ -7,11 +7,11 @@ import json
 import pytest
 from PIL import Image
 
-from lora_trainer.data.dataset import scan_dataset
+from lora_trainer.data.scan import scan_dataset
 from lora_trainer.errors import ConfigError
 from lora_trainer.workshop import CaptionerUnavailable, CaptionOptions, Workspace
 from lora_trainer.workshop.captioning import Captioner, merge_caption, postprocess
-from tests.test_workshop_helpers import pattern, save
+from tests.fixtures.images import pattern, save
 
 
 class FakeTagger:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from lora_trainer.workshop import Workspace
 from tests.fixtures.files import tree_hashes
-from tests.test_workshop_helpers import (
+from tests.fixtures.images import (
     every_format,
     pattern,
     png_header_only,

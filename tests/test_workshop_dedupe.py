@@ -12,7 +12,7 @@ from PIL import Image
 from lora_trainer.errors import DatasetError
 from lora_trainer.workshop import Workspace
 from lora_trainer.workshop.dedupe import dhash, hamming
-from tests.test_workshop_helpers import pattern, save
+from tests.fixtures.images import pattern, save
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from PIL import Image
 from lora_trainer.errors import DatasetError
 from lora_trainer.workshop import ImportLimits, Workspace
 from tests.fixtures.files import tree_hashes
-from tests.test_workshop_helpers import RED, every_format, pattern, save
+from tests.fixtures.images import RED, every_format, pattern, save
 
 
 @pytest.fixture

@@ -9,11 +9,12 @@ import pytest
 from PIL import Image
 
 from lora_trainer.data.buckets import BucketSettings
-from lora_trainer.data.dataset import TrainDataset, scan_dataset
+from lora_trainer.data.dataset import TrainDataset
+from lora_trainer.data.scan import scan_dataset
 from lora_trainer.errors import ConfigError
 from lora_trainer.workshop import Workspace
 from lora_trainer.workshop.sizing import crop_box, focal_point
-from tests.test_workshop_helpers import BLUE, RED, WHITE, pattern, save
+from tests.fixtures.images import BLUE, RED, WHITE, pattern, save
 
 
 @pytest.fixture

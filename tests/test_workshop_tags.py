@@ -9,7 +9,7 @@ import pytest
 
 from lora_trainer.errors import ConfigError, DatasetError
 from lora_trainer.workshop import Workspace, fsutil
-from tests.test_workshop_helpers import pattern, save
+from tests.fixtures.images import pattern, save
 
 CAPTIONS = {
     "a": "mychar, blue eyes, long hair, smile",

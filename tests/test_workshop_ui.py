@@ -17,24 +17,15 @@ from PIL import Image
 
 from lora_trainer.errors import DatasetError
 from lora_trainer.jobs import JobManager
-from lora_trainer.webui import workshop_ui
+from lora_trainer.webui import workshop_actions, workshop_render, workshop_ui
 from lora_trainer.webui.ui import create_tab
-from lora_trainer.webui.workshop_ui import CaptionerSpec, WorkshopActions
+from lora_trainer.webui.workshop_actions import WorkshopActions
+from lora_trainer.webui.workshop_captioners import CaptionerSpec, wd14_spec
 from lora_trainer.workshop import Captioner, CaptionerUnavailable, Problem, Workspace
 from tests.fixtures.files import tree_hashes
 from tests.fixtures.host import FakeHost
+from tests.fixtures.images import COLOURS, make_image
 from tests.fixtures.ui_app import StubTagger
-
-COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (40, 200, 200), (120, 60, 160)]
-
-
-def make_image(path: Path, colour, size=(96, 64), mode="RGB", seed=0) -> Path:
-    img = Image.new(mode, size, colour if mode == "RGB" else (*colour, 0))
-    for x in range(0, size[0], 6):  # some structure, so near-duplicate hashing has something to see
-        img.putpixel((x, (x * (seed + 3)) % size[1]), (255, 255, 255) if mode == "RGB" else (255, 255, 255, 255))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
 
 
 def make_source(root: Path) -> Path:
@@ -247,7 +238,7 @@ def test_gallery_select_and_save_caption(actions, tmp_path):
     assert len(items) == len(ids) == 5 and "5 of 5 image(s)" in info
     assert all(Path(thumb).is_file() and Path(thumb).parent == tmp_path / "thumbs" for thumb, _ in items)
     assert [label for _, label in items] == [Path(i).name for i in ids]
-    assert max(Image.open(items[0][0]).size) <= workshop_ui.THUMB_SIZE
+    assert max(Image.open(items[0][0]).size) <= workshop_actions.THUMB_SIZE
 
     items, ids, info = actions.gallery("g", "green background")
     assert ids == ["10_mychar/img1.png"] and "1 of 5 image(s) have green background" in info
@@ -302,7 +293,7 @@ def test_caption_options_and_captioners(actions, tmp_path):
 
 
 def test_wd14_without_onnxruntime_or_model_says_what_to_do(actions, tmp_path):
-    actions.captioners = {"WD14": workshop_ui.wd14_spec(tmp_path / "wd14", allow_download=False)}
+    actions.captioners = {"WD14": wd14_spec(tmp_path / "wd14", allow_download=False)}
     actions.create("w", "")
     make_image(tmp_path / "src" / "a.png", COLOURS[0])
     actions.import_folder("w", str(tmp_path / "src"), "", "")
@@ -353,7 +344,7 @@ def test_every_error_is_a_message_not_a_trace(actions, tmp_path):
 
     # One operation at a time per workspace.
     ws = actions.workspace("e")
-    with actions.busy(ws, "captioning with Stub"):
+    with ws.busy("captioning with Stub"):
         assert "busy (captioning with Stub)" in actions.bulk_remove("e", "x", "")
     assert "busy" not in actions.bulk_remove("e", "x", "")
 
@@ -395,24 +386,24 @@ def test_problems_are_escaped_sorted_and_capped():
         Problem("corrupt", "<img src=x onerror=alert(1)>.png", "damaged <b>file</b>", "error"),
         Problem("renamed", "b.png", "renamed", "warning"),
     ]
-    html = workshop_ui.problems_html(problems)
+    html = workshop_render.problems_html(problems)
     assert "<img src=x" not in html and "&lt;img src=x" in html and "&lt;b&gt;file" in html
     assert html.index("damaged") < html.index("renamed") < html.index("converted")
     assert "1 error, 1 warning, 1 note" in html and "<details" in html and " open>" in html
-    assert " open>" not in workshop_ui.problems_html(problems[:1])  # notes only: folded
-    many = workshop_ui.problems_html([Problem("x", f"{i}.png", "m") for i in range(250)])
-    assert "and 50 more" in many and many.count("<tr>") == workshop_ui.PROBLEM_ROWS + 1
-    assert workshop_ui.problems_html([]) == ""
+    assert " open>" not in workshop_render.problems_html(problems[:1])  # notes only: folded
+    many = workshop_render.problems_html([Problem("x", f"{i}.png", "m") for i in range(250)])
+    assert "and 50 more" in many and many.count("<tr>") == workshop_render.PROBLEM_ROWS + 1
+    assert workshop_render.problems_html([]) == ""
 
 
 def test_error_html():
     from lora_trainer.errors import ConfigError
 
-    assert "Max tags: must be &gt;= 0" in workshop_ui.error_html(
+    assert "Max tags: must be &gt;= 0" in workshop_render.error_html(
         ConfigError("workshop.caption.max_tags", "must be >= 0")
     )
-    assert "no <such>" not in workshop_ui.error_html(DatasetError("no <such> folder"))
-    assert "Unexpected error: KeyError" in workshop_ui.error_html(KeyError("k"))
+    assert "no <such>" not in workshop_render.error_html(DatasetError("no <such> folder"))
+    assert "Unexpected error: KeyError" in workshop_render.error_html(KeyError("k"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,7 +489,7 @@ def test_webui_captioners_follow_the_protocol(tmp_path):
 
     fake = FakeWebUI(tmp_path / "webui")
     with fake.installed():
-        be = fake.backend
+        be = fake.backend.captioners
         booru, blip = be.DeepBooruCaptioner(threshold=0.8), be.BlipCaptioner()
         assert isinstance(booru, Captioner) and isinstance(blip, Captioner)
         bright = Image.new("RGB", (32, 32), (250, 250, 250))

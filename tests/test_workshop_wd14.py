@@ -12,7 +12,7 @@ from PIL import Image
 
 from lora_trainer.workshop import CaptionerUnavailable, Workspace
 from lora_trainer.workshop.wd14 import WD14Captioner, postprocess_probs, preprocess, read_selected_tags
-from tests.test_workshop_helpers import save
+from tests.fixtures.images import save
 
 CSV = """tag_id,name,category,count
 9999999,general,9,100

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from lora_trainer.data.dataset import scan_dataset
+from lora_trainer.data.scan import scan_dataset
 from lora_trainer.errors import DatasetError
 from lora_trainer.workshop import Workspace
 from tests.fixtures.files import tree_hashes
-from tests.test_workshop_helpers import every_format, pattern, save
+from tests.fixtures.images import every_format, pattern, save
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,3 +121,22 @@ def test_import_boundary():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_one_operation_at_a_time(tmp_path):
+    """busy() holds the folder for every Workspace object of it; a second operation is refused."""
+    ws = Workspace.create(tmp_path, "lock")
+    same = Workspace.open(tmp_path / "lock")
+    other = Workspace.create(tmp_path, "other")
+    assert ws.running() is None and not ws.request_stop()
+    with ws.busy("captioning with Stub") as stop:
+        assert same.running() == "captioning with Stub" and other.running() is None
+        with pytest.raises(DatasetError, match=r"busy \(captioning with Stub\)"), same.busy("cleaning"):
+            pass
+        with other.busy("cleaning"):
+            pass
+        assert not same.request_stop("cleaning") and not stop.is_set()
+        assert same.request_stop("captioning") and stop.is_set()
+    assert ws.running() is None
+    with same.busy("cleaning") as stop:
+        assert not stop.is_set()  # a fresh stop request per operation

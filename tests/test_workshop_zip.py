@@ -12,7 +12,7 @@ import pytest
 
 from lora_trainer.errors import DatasetError
 from lora_trainer.workshop import ImportLimits, Workspace
-from tests.test_workshop_helpers import pattern
+from tests.fixtures.images import pattern
 
 
 def png_bytes(seed=0, size=(48, 32)) -> bytes:

@@ -30,11 +30,11 @@ from PIL import ImageOps
 
 from lora_trainer.data.images import load_image_rgb, pil_to_tensor, resize_and_crop
 from lora_trainer.errors import DatasetError
+from lora_trainer.files.hashes import file_sha256
 from lora_trainer.log import logger
 
 CACHE_FORMAT = "lora_trainer.latent_cache"
 CACHE_VERSION = "1"
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -52,15 +52,6 @@ class LatentRequest:
     crop: str = "center"
     flip: bool = False
     variant: str = ""
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_key(content_hash: str, request: LatentRequest, vae_id: str) -> str:
@@ -86,6 +77,56 @@ def default_pixels(request: LatentRequest) -> torch.Tensor:
     if request.flip:
         out = ImageOps.mirror(out)
     return pil_to_tensor(out)
+
+
+def _check_requests(items: Sequence[LatentRequest], batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    for r in items:
+        if r.crop != "center":
+            raise DatasetError(
+                "Latent caching needs a fixed crop: random crop changes the pixels every epoch, so cached "
+                "latents would be wrong. Turn off random crop or turn off latent caching."
+            )
+
+
+class _EncodeRun:
+    """One :meth:`LatentCache.get_or_encode` call: its requests, their keys and content hashes,
+    and how to turn requests into latents."""
+
+    def __init__(
+        self,
+        items: Sequence[LatentRequest],
+        encode_fn: Callable[[torch.Tensor], torch.Tensor],
+        pixels_fn: Callable[[LatentRequest], torch.Tensor],
+        vae_id: str,
+    ):
+        self.items = items
+        self.encode_fn = encode_fn
+        self.pixels_fn = pixels_fn
+        self.vae_id = vae_id
+        self.keys: list[str] = []
+        self.hashes: dict[Path, str] = {}
+
+    def content_hash(self, path: Path) -> str:
+        if path not in self.hashes:
+            try:
+                self.hashes[path] = file_sha256(path)
+            except OSError as e:
+                raise DatasetError(f"Cannot read image {path}: {e}. Check that it still exists.") from None
+        return self.hashes[path]
+
+    def encode(self, todo: list[int]) -> torch.Tensor:
+        """(B, C, h, w) float32 CPU latents of the requests ``todo``."""
+        pixels = torch.stack([self.pixels_fn(self.items[i]) for i in todo]).float()
+        with torch.no_grad():
+            latents = self.encode_fn(pixels)
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[0] != len(todo):
+            raise ValueError(
+                f"encode_fn returned {getattr(latents, 'shape', type(latents))} for {len(todo)} images; "
+                "expected (B, C, h, w)"
+            )
+        return latents.detach().to("cpu", torch.float32)
 
 
 class LatentCache:
@@ -178,85 +219,74 @@ class LatentCache:
         VAE (name + hash); a different one never reuses latents. ``progress(done, total)`` is
         called as items are resolved.
         """
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        for r in items:
-            if r.crop != "center":
-                raise DatasetError(
-                    "Latent caching needs a fixed crop: random crop changes the pixels every epoch, so cached "
-                    "latents would be wrong. Turn off random crop or turn off latent caching."
-                )
-        pixels_fn = pixels_fn or default_pixels
+        _check_requests(items, batch_size)
+        run = _EncodeRun(items, encode_fn, pixels_fn or default_pixels, vae_id)
         total = len(items)
         results: list[torch.Tensor | None] = [None] * total
-        keys: list[str] = []
-        hashes: dict[Path, str] = {}
         misses: dict[tuple[int, int], list[int]] = {}
         done = 0
         for i, r in enumerate(items):
-            path = Path(r.path)
-            if path not in hashes:
-                try:
-                    hashes[path] = file_sha256(path)
-                except OSError as e:
-                    raise DatasetError(f"Cannot read image {path}: {e}. Check that it still exists.") from None
-            key = cache_key(hashes[path], r, vae_id)
-            keys.append(key)
-            hit = self._memory.get(key)
-            if hit is not None:
-                self.stats["memory_hits"] += 1
+            key = cache_key(run.content_hash(Path(r.path)), r, vae_id)
+            run.keys.append(key)
+            hit = self._cached(key, Path(r.path))
+            if hit is None:
+                misses.setdefault((r.size[0], r.size[1]), []).append(i)
+            else:
                 results[i] = hit
                 done += 1
-                continue
-            disk = self.path_for(key)
-            if disk is not None:
-                try:
-                    hit = self._read(disk, key)
-                except Exception as e:
-                    self.stats["corrupt"] += 1
-                    logger.warning("Latent cache file %s is damaged (%s); encoding %s again.", disk, e, path)
-                    hit = None
-                if hit is not None:
-                    self.stats["disk_hits"] += 1
-                    self._memory[key] = hit
-                    results[i] = hit
-                    done += 1
-                    continue
-            misses.setdefault(tuple(r.size), []).append(i)
         if progress is not None:
             progress(done, total)
 
         for indices in misses.values():
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start : start + batch_size]
-                # the same image and size can be requested twice: encode it once
-                todo, seen = [], set()
+                self._encode(run, chunk)
                 for i in chunk:
-                    if keys[i] not in self._memory and keys[i] not in seen:
-                        seen.add(keys[i])
-                        todo.append(i)
-                if todo:
-                    pixels = torch.stack([pixels_fn(items[i]) for i in todo]).float()
-                    with torch.no_grad():
-                        latents = encode_fn(pixels)
-                    if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[0] != len(todo):
-                        raise ValueError(
-                            f"encode_fn returned {getattr(latents, 'shape', type(latents))} for {len(todo)} images; "
-                            "expected (B, C, h, w)"
-                        )
-                    latents = latents.detach().to("cpu", torch.float32)
-                    for j, i in enumerate(todo):
-                        lat = latents[j].clone()
-                        key = keys[i]
-                        self._memory[key] = lat
-                        self.stats["encoded"] += 1
-                        disk = self.path_for(key)
-                        if disk is not None:
-                            r = items[i]
-                            self._write(disk, lat, self._metadata(key, r, vae_id, hashes[Path(r.path)]))
-                for i in chunk:
-                    results[i] = self._memory[keys[i]]
+                    results[i] = self._memory[run.keys[i]]
                 done += len(chunk)
                 if progress is not None:
                     progress(done, total)
         return results  # type: ignore[return-value]
+
+    def _cached(self, key: str, image: Path) -> torch.Tensor | None:
+        """The latent of ``key`` from memory, else from disk (kept in memory then); None if neither
+        has a usable one (a damaged file is logged and counted)."""
+        hit = self._memory.get(key)
+        if hit is not None:
+            self.stats["memory_hits"] += 1
+            return hit
+        disk = self.path_for(key)
+        if disk is None:
+            return None
+        try:
+            hit = self._read(disk, key)
+        except Exception as e:  # noqa: BLE001 - any failure to read a cache file means: encode it again
+            self.stats["corrupt"] += 1
+            logger.warning("Latent cache file %s is damaged (%s); encoding %s again.", disk, e, image)
+            return None
+        if hit is not None:
+            self.stats["disk_hits"] += 1
+            self._memory[key] = hit
+        return hit
+
+    def _encode(self, run: _EncodeRun, chunk: list[int]) -> None:
+        """Encode the requests ``chunk`` (indices into ``run.items``) not in memory yet, and keep
+        their latents in memory and on disk."""
+        # the same image and size can be requested twice: encode it once
+        todo, seen = [], set()
+        for i in chunk:
+            if run.keys[i] not in self._memory and run.keys[i] not in seen:
+                seen.add(run.keys[i])
+                todo.append(i)
+        if not todo:
+            return
+        latents = run.encode(todo)
+        for j, i in enumerate(todo):
+            lat = latents[j].clone()
+            key = run.keys[i]
+            self._memory[key] = lat
+            self.stats["encoded"] += 1
+            disk = self.path_for(key)
+            if disk is not None:
+                r = run.items[i]
+                self._write(disk, lat, self._metadata(key, r, run.vae_id, run.hashes[Path(r.path)]))

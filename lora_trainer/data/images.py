@@ -25,19 +25,15 @@ from lora_trainer.log import logger
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
-    "IMAGE_EXTENSIONS",
     "CropResult",
     "check_image",
     "cover_size",
     "crop_offsets",
-    "is_image_file",
     "load_image_rgb",
     "pil_to_tensor",
     "read_image_size",
     "resize_and_crop",
 ]
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 # Images above this many pixels are refused (a decompression-bomb guard). 16384 x 16384 is
 # far beyond any training image; Pillow's own limit (about 179 million pixels) also applies.
@@ -47,11 +43,6 @@ _EXIF_ORIENTATION = 0x0112
 _RESAMPLE = Image.Resampling.LANCZOS
 
 _FIX_HINT = "Open it in an image editor and save it again (as PNG or JPEG), or remove it from the dataset folder."
-
-
-def is_image_file(path: str | os.PathLike) -> bool:
-    """True when ``path`` has one of :data:`IMAGE_EXTENSIONS` (any letter case)."""
-    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
 
 
 def _open(path: Path, max_pixels: int | None) -> Image.Image:
@@ -88,7 +79,7 @@ def _orientation(img: Image.Image) -> int:
     try:
         value = img.getexif().get(_EXIF_ORIENTATION, 1)
         return int(value)
-    except Exception:  # broken EXIF blocks are common; they must not stop training
+    except Exception:  # noqa: BLE001 - broken EXIF blocks are common and fail in many ways; they must not stop training
         return 1
 
 
@@ -170,9 +161,9 @@ def load_image_rgb(
             if orientation != 1:
                 try:
                     img = ImageOps.exif_transpose(img)
-                except Exception as e:  # a bad EXIF block: keep the pixels as stored
+                except Exception as e:  # noqa: BLE001 - a bad EXIF block can fail in many ways: keep the pixels as stored
                     logger.warning("Could not apply the EXIF orientation of %s (%s); using it as stored.", path, e)
-            rgb = _to_rgb(img, tuple(int(c) for c in background))
+            rgb = _to_rgb(img, (int(background[0]), int(background[1]), int(background[2])))
             if rgb is opened:
                 rgb = opened.copy()  # detach from the file handle closed below
             rgb.load()

@@ -24,18 +24,22 @@ from pathlib import Path
 
 import torch
 
+from lora_trainer.files.kohya_metadata import TrainingInfo, build_metadata, optimizer_string
+from lora_trainer.files.lora_file import save_lora
+from lora_trainer.files.resume_state import StateFileError, load_state, save_state
+
 from .. import __version__
 from ..config import TrainConfig
 from ..contracts import FAMILIES, Conditioning, ModelAdapter, SizeCond
 from ..data.buckets import BucketSettings
 from ..data.cache import LatentCache
 from ..data.captions import process_caption, split_tags
-from ..data.dataset import TrainDataset, dataset_dirs_info, dataset_tag_frequency, scan_dataset
+from ..data.dataset import TrainDataset
+from ..data.scan import dataset_dirs_info, dataset_tag_frequency, scan_dataset
 from ..errors import ConfigError, IncompatibleModelError
-from ..io import StateFileError, TrainingInfo, build_metadata, load_state, optimizer_string, save_lora, save_state
 from ..log import logger
 from ..naming import find_targets
-from ..networks import LoRANetwork
+from ..networks.network import LoRANetwork
 from . import objectives
 from .callbacks import Callbacks, ProgressMeter, TrainResult
 from .flat import ELEMENTWISE_OPTIMIZERS, flatten, zero_flat_grads
@@ -44,12 +48,6 @@ from .optim import build_optimizer, build_scheduler, current_lrs, param_groups_f
 
 TE_GROUPS = ("te", "te1", "te2")
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def default_work_dir() -> Path:
-    """Where latent caches and resume states live when the host names no folder."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "sd-webui-lora-train"
 
 
 def state_dir_for(work_dir: str | os.PathLike, output_name: str) -> Path:
@@ -61,17 +59,18 @@ def train(
     adapter: ModelAdapter,
     callbacks: Callbacks | None = None,
     *,
-    work_dir: str | os.PathLike | None = None,
+    work_dir: str | os.PathLike,
     resume: bool = False,
 ) -> TrainResult:
     """Train a LoRA on ``adapter``'s model as ``cfg`` says; returns where it went.
 
+    ``work_dir``: latent caches and resume states (the host's ``work_dir``; the loop has no folder of its own).
     ``resume``: continue from the state saved under ``work_dir`` for ``cfg.save.output_name``
     (written when ``save.save_state`` is on, and always when a run is stopped).
     Raises ConfigError / DatasetError / IncompatibleModelError before touching the model.
     """
     cfg.validate()
-    work_dir = Path(work_dir) if work_dir else default_work_dir()
+    work_dir = Path(work_dir)
     resume_state = load_resume_state(cfg, adapter.family, work_dir) if resume else None
     seed = resume_state[1]["seed"] if resume_state else cfg.training.seed
     run = _Run(cfg, adapter, callbacks or Callbacks(), work_dir, seed)
@@ -155,6 +154,7 @@ class _Run:
             dropout=net.network_dropout,
             rank_dropout=net.rank_dropout,
             module_dropout=net.module_dropout,
+            algorithm=net.algorithm,
         )
         unet_params = self.network.parameters_of(("unet",))
         te_params = self.network.parameters_of(TE_GROUPS)

@@ -30,6 +30,7 @@ import torch
 
 from lora_trainer.errors import ConfigError
 from lora_trainer.log import logger
+from lora_trainer.train.names import LR_SCHEDULERS, OPTIMIZERS
 
 __all__ = [
     "OPTIMIZER_TYPES",
@@ -41,16 +42,10 @@ __all__ = [
     "parse_optimizer_args",
 ]
 
-OPTIMIZER_TYPES = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor")
-SCHEDULER_TYPES = (
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "adafactor",
-)
+OPTIMIZER_TYPES = OPTIMIZERS
+"""The optimizers :func:`build_optimizer` builds (one builder each, checked at import)."""
+SCHEDULER_TYPES = (*LR_SCHEDULERS, "adafactor")
+"""The schedulers :func:`build_scheduler` builds: the config's choices plus Adafactor's own schedule."""
 
 _OPTIM_FIELD = "optim.optimizer_type"
 _ARGS_FIELD = "optim.optimizer_args"
@@ -162,7 +157,7 @@ def _bnb_smoke_test(device_str: str) -> str | None:
             torch.cuda.synchronize(device)
         if not torch.isfinite(p).all():
             return "a test step produced non-finite values"
-    except Exception as e:  # any failure means: cannot run here
+    except Exception as e:  # noqa: BLE001 - any failure of the test step means: cannot run here
         return f"{type(e).__name__}: {e}"
     return None
 
@@ -260,6 +255,8 @@ _BUILDERS = {
     "Prodigy": _prodigy,
     "Adafactor": _adafactor,
 }
+if tuple(_BUILDERS) != OPTIMIZER_TYPES:  # the config offers train.names.OPTIMIZERS: one builder each
+    raise RuntimeError(f"optimizer builders {tuple(_BUILDERS)} do not match train.names.OPTIMIZERS {OPTIMIZER_TYPES}")
 
 
 def build_optimizer(
@@ -319,6 +316,70 @@ def _is_relative_step_adafactor(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, Adafactor) and any(g.get("relative_step") for g in optimizer.param_groups)
 
 
+def _checked_steps(num_training_steps: Any, num_warmup_steps: Any) -> tuple[int, int]:
+    if not _is_int(num_training_steps) or num_training_steps < 1:
+        raise ConfigError("optim.max_train_steps", f"number of training steps must be >= 1, got {num_training_steps!r}")
+    if not _is_int(num_warmup_steps) or num_warmup_steps < 0:
+        raise ConfigError(_WARMUP_FIELD, f"warmup steps must be an integer >= 0, got {num_warmup_steps!r}")
+    return int(num_training_steps), int(num_warmup_steps)
+
+
+def _adafactor_schedule(tfo: Any, canonical: str, optimizer: torch.optim.Optimizer) -> Any:
+    if canonical not in ("adafactor", "constant"):
+        logger.warning(
+            f"Adafactor with relative_step=True schedules its own step size; lr scheduler {canonical!r} is ignored"
+        )
+    initial_lr = next((g["lr"] for g in optimizer.param_groups if g.get("lr")), 0.0)
+    return tfo.AdafactorSchedule(optimizer, initial_lr=float(initial_lr))
+
+
+def _constant(tfo: Any, optimizer: Any, warmup: int, total: int, num_cycles: Any, power: Any) -> Any:
+    if warmup:
+        raise ConfigError(
+            _WARMUP_FIELD, "the constant scheduler takes no warmup steps; use constant_with_warmup or set them to 0"
+        )
+    return tfo.get_constant_schedule(optimizer)
+
+
+def _constant_with_warmup(tfo: Any, optimizer: Any, warmup: int, total: int, num_cycles: Any, power: Any) -> Any:
+    return tfo.get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
+
+
+def _linear(tfo: Any, optimizer: Any, warmup: int, total: int, num_cycles: Any, power: Any) -> Any:
+    return tfo.get_linear_schedule_with_warmup(optimizer, warmup, total)
+
+
+def _cosine(tfo: Any, optimizer: Any, warmup: int, total: int, num_cycles: Any, power: Any) -> Any:
+    return tfo.get_cosine_schedule_with_warmup(optimizer, warmup, total)
+
+
+def _cosine_with_restarts(tfo: Any, optimizer: Any, warmup: int, total: int, num_cycles: Any, power: Any) -> Any:
+    if not _is_int(num_cycles) or num_cycles < 1:
+        raise ConfigError("optim.lr_scheduler_num_cycles", f"must be an integer >= 1, got {num_cycles!r}")
+    return tfo.get_cosine_with_hard_restarts_schedule_with_warmup(optimizer, warmup, total, num_cycles=int(num_cycles))
+
+
+def _polynomial(tfo: Any, optimizer: Any, warmup: int, total: int, num_cycles: Any, power: Any) -> Any:
+    if not (isinstance(power, (int, float)) and power > 0):
+        raise ConfigError("optim.lr_scheduler_power", f"must be > 0, got {power!r}")
+    try:
+        return tfo.get_polynomial_decay_schedule_with_warmup(optimizer, warmup, total, power=float(power))
+    except (ValueError, TypeError) as e:  # lr_init <= lr_end (1e-7), or no default lr
+        raise ConfigError(_LR_FIELD, f"polynomial scheduler: {e}") from e
+
+
+_SCHEDULES = {
+    "constant": _constant,
+    "constant_with_warmup": _constant_with_warmup,
+    "linear": _linear,
+    "cosine": _cosine,
+    "cosine_with_restarts": _cosine_with_restarts,
+    "polynomial": _polynomial,
+}
+if tuple(_SCHEDULES) != LR_SCHEDULERS:  # the config offers train.names.LR_SCHEDULERS: one builder each
+    raise RuntimeError(f"scheduler builders {tuple(_SCHEDULES)} do not match train.names.LR_SCHEDULERS {LR_SCHEDULERS}")
+
+
 def build_scheduler(
     name: str,
     optimizer: torch.optim.Optimizer,
@@ -337,19 +398,10 @@ def build_scheduler(
     from transformers import optimization as tfo
 
     canonical = _canonical(name, SCHEDULER_TYPES, _SCHED_FIELD, "lr scheduler")
-    if not _is_int(num_training_steps) or num_training_steps < 1:
-        raise ConfigError("optim.max_train_steps", f"number of training steps must be >= 1, got {num_training_steps!r}")
-    if not _is_int(num_warmup_steps) or num_warmup_steps < 0:
-        raise ConfigError(_WARMUP_FIELD, f"warmup steps must be an integer >= 0, got {num_warmup_steps!r}")
-    num_training_steps, num_warmup_steps = int(num_training_steps), int(num_warmup_steps)
+    num_training_steps, num_warmup_steps = _checked_steps(num_training_steps, num_warmup_steps)
 
     if _is_relative_step_adafactor(optimizer):
-        if canonical not in ("adafactor", "constant"):
-            logger.warning(
-                f"Adafactor with relative_step=True schedules its own step size; lr scheduler {canonical!r} is ignored"
-            )
-        initial_lr = next((g["lr"] for g in optimizer.param_groups if g.get("lr")), 0.0)
-        return tfo.AdafactorSchedule(optimizer, initial_lr=float(initial_lr))
+        return _adafactor_schedule(tfo, canonical, optimizer)
     if canonical == "adafactor":
         raise ConfigError(_SCHED_FIELD, "the adafactor scheduler needs the Adafactor optimizer with relative_step=True")
 
@@ -357,34 +409,7 @@ def build_scheduler(
         logger.warning(
             f"{num_warmup_steps} warmup steps >= {num_training_steps} training steps: lr never leaves warmup"
         )
-
-    if canonical == "constant":
-        if num_warmup_steps:
-            raise ConfigError(
-                _WARMUP_FIELD, "the constant scheduler takes no warmup steps; use constant_with_warmup or set them to 0"
-            )
-        return tfo.get_constant_schedule(optimizer)
-    if canonical == "constant_with_warmup":
-        return tfo.get_constant_schedule_with_warmup(optimizer, num_warmup_steps=num_warmup_steps)
-    if canonical == "linear":
-        return tfo.get_linear_schedule_with_warmup(optimizer, num_warmup_steps, num_training_steps)
-    if canonical == "cosine":
-        return tfo.get_cosine_schedule_with_warmup(optimizer, num_warmup_steps, num_training_steps)
-    if canonical == "cosine_with_restarts":
-        if not _is_int(num_cycles) or num_cycles < 1:
-            raise ConfigError("optim.lr_scheduler_num_cycles", f"must be an integer >= 1, got {num_cycles!r}")
-        return tfo.get_cosine_with_hard_restarts_schedule_with_warmup(
-            optimizer, num_warmup_steps, num_training_steps, num_cycles=int(num_cycles)
-        )
-    # polynomial
-    if not (isinstance(power, (int, float)) and power > 0):
-        raise ConfigError("optim.lr_scheduler_power", f"must be > 0, got {power!r}")
-    try:
-        return tfo.get_polynomial_decay_schedule_with_warmup(
-            optimizer, num_warmup_steps, num_training_steps, power=float(power)
-        )
-    except (ValueError, TypeError) as e:  # lr_init <= lr_end (1e-7), or no default lr
-        raise ConfigError(_LR_FIELD, f"polynomial scheduler: {e}") from e
+    return _SCHEDULES[canonical](tfo, optimizer, num_warmup_steps, num_training_steps, num_cycles, power)
 
 
 def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:

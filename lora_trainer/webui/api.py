@@ -20,7 +20,8 @@ setting or dataset, 409 when a job is already running or the loaded model cannot
 one-line message for anything unexpected (details go to the log, never to the client).
 
 Authentication follows the WebUI's ``--api-auth user:pass[,user2:pass2]`` (``modules/api/api.py``):
-HTTP Basic, passwords compared in constant time, 401 with ``WWW-Authenticate: Basic``.
+HTTP Basic, passwords compared in constant time, 401 with ``WWW-Authenticate: Basic``; the list is
+parsed by :func:`lora_trainer.credentials.parse_credentials`.
 
 This module imports neither gradio nor the WebUI: it only needs a :class:`JobManager`.
 """
@@ -44,12 +45,13 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..config import TrainConfig, get_preset, list_presets, load_preset
-from ..errors import ConfigError, DatasetError, IncompatibleModelError, LoraTrainerError
-from ..jobs import JobBusyError, JobManager, UnknownJobError
-from ..log import logger
+from lora_trainer.config import TrainConfig, get_preset, list_presets, load_preset
+from lora_trainer.credentials import parse_credentials
+from lora_trainer.errors import ConfigError, DatasetError, IncompatibleModelError, LoraTrainerError
+from lora_trainer.jobs import JobBusyError, JobManager, UnknownJobError
+from lora_trainer.log import logger
 
-__all__ = ["PREFIX", "ApiError", "config_from_request", "create_router", "mount", "parse_credentials"]
+__all__ = ["PREFIX", "ApiError", "config_from_request", "create_router", "mount"]
 
 PREFIX = "/lora-train/v1"
 _START_BODY = (
@@ -64,24 +66,6 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.field, self.headers = status, message, field, headers
-
-
-def parse_credentials(spec: str | Mapping[str, str] | None) -> dict[str, str] | None:
-    """``"user:pass,user2:pass2"`` (the WebUI's ``--api-auth``) or a mapping -> {user: password}.
-
-    None or empty -> None (no authentication). A malformed entry raises ValueError.
-    """
-    if not spec:
-        return None
-    if isinstance(spec, Mapping):
-        return {str(user): str(password) for user, password in spec.items()}
-    credentials = {}
-    for entry in str(spec).split(","):
-        user, sep, password = entry.strip().partition(":")
-        if not sep or not user:
-            raise ValueError("each --api-auth entry must be user:password")
-        credentials[user] = password
-    return credentials or None
 
 
 def _authorized(request: Request, credentials: Mapping[str, str]) -> bool:
@@ -171,7 +155,7 @@ def _route_class(credentials: Mapping[str, str] | None) -> type[APIRoute]:
                     )
                 try:
                     return await handler(request)
-                except Exception as exc:  # translated at the edge; nothing else escapes
+                except Exception as exc:  # noqa: BLE001 - the API's edge: every error becomes a JSON answer
                     return _respond(_to_api_error(exc))
 
             return guarded
@@ -200,13 +184,27 @@ def config_from_request(payload: Any, preset_dir: str | Path | None = None) -> t
         return TrainConfig.from_dict(overrides), resume
     if not isinstance(name, str):
         raise ConfigError("preset", "must be a preset name (see GET /presets)")
-    merged = copy.deepcopy(load_preset(name, preset_dir).to_dict())
+    merged: dict[str, Any] = copy.deepcopy(load_preset(name, preset_dir).to_dict())
     for group, section in overrides.items():
         if isinstance(section, Mapping) and isinstance(merged.get(group), dict):
             merged[group].update(section)
         else:
             merged[group] = section  # from_dict reports the unknown group or the wrong type
     return TrainConfig.from_dict(merged), resume
+
+
+def _preset_json(name: str, preset_dir: Path) -> dict[str, Any]:
+    """One entry of ``GET /presets``; a broken user file gives an entry with its error (not a failure)."""
+    try:
+        preset = get_preset(name, preset_dir)
+    except ConfigError as e:  # a broken user file must not hide the others
+        return {"name": name, "error": str(e)}
+    return {
+        "name": name,
+        "description": preset.description,
+        "source": "builtin" if preset.source == "builtin" else "user",
+        "config": preset.config.to_dict(),
+    }
 
 
 def create_router(
@@ -232,22 +230,7 @@ def create_router(
 
     @router.get("/presets", summary="Built-in and user presets")
     def presets() -> JSONResponse:
-        out = []
-        for name in list_presets(presets_at):
-            try:
-                preset = get_preset(name, presets_at)
-            except ConfigError as e:  # a broken user file must not hide the others
-                out.append({"name": name, "error": str(e)})
-                continue
-            out.append(
-                {
-                    "name": name,
-                    "description": preset.description,
-                    "source": "builtin" if preset.source == "builtin" else "user",
-                    "config": preset.config.to_dict(),
-                }
-            )
-        return JSONResponse(_jsonable(out))
+        return JSONResponse(_jsonable([_preset_json(name, presets_at) for name in list_presets(presets_at)]))
 
     @router.get("/model", summary="The loaded model and whether it can be trained")
     def model() -> JSONResponse:

@@ -1,8 +1,9 @@
-"""The tab's settings as widget values: ``config.FIELDS`` <-> what the Gradio components hold.
+"""The tab's settings as widgets: the field table ``FIELDS`` and widget values <-> config values.
 
-No gradio here: ``ui.py`` builds one component per ``FieldSpec`` and hands their values to
-:func:`build_config`, which returns the ``TrainConfig`` plus every problem found (``ConfigError``
-naming the dotted field), so the UI can show them all at once. Widget kinds (``config.WIDGETS``):
+No gradio here: ``FIELDS`` has one ``FieldSpec`` row per setting (built from ``config.LEAVES``);
+``ui.py`` builds one component per row and hands their values to :func:`build_config`, which
+returns the ``TrainConfig`` plus every problem found (``ConfigError`` naming the dotted field),
+so the UI can show them all at once. Widget kinds (``WIDGETS``):
 
 ========  ================================  ==========================================
 widget    component holds                   config value
@@ -24,11 +25,65 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from lora_trainer.config import FIELDS, FieldSpec, TrainConfig
+from lora_trainer.config import LEAVES, Leaf, TrainConfig
 from lora_trainer.errors import ConfigError
+
+WIDGETS = ("text", "int", "float", "checkbox", "dropdown", "lines", "kv")
+"""Widget kinds in ``FIELDS``: text box, integer, number, checkbox, dropdown (``choices``),
+one string per line (``list[str]``), key=value pairs (``dict``)."""
+
+_WIDGET_OF_KIND = {
+    "bool": "checkbox",
+    "int": "int",
+    "float": "float",
+    "str": "text",
+    "str_list": "lines",
+    "dict": "kv",
+    "resolution": "text",
+}
+
+
+class FieldSpec(NamedTuple):
+    """One row of the UI field table."""
+
+    path: str  # dotted attribute, "network.network_dim"
+    label: str
+    widget: str  # one of WIDGETS
+    choices: tuple | None  # for "dropdown"
+    help: str
+    default: Any  # JSON form
+    optional: bool  # blank = None (unset)
+    minimum: float | None
+    maximum: float | None
+    kohya: str | None
+
+
+def widget_of(leaf: Leaf) -> str:
+    """The widget kind for a setting: a dropdown when it has choices, else by its value kind."""
+    return "dropdown" if "choices" in leaf.meta else _WIDGET_OF_KIND[leaf.kind]
+
+
+def field_spec(leaf: Leaf) -> FieldSpec:
+    """The UI row of one setting."""
+    return FieldSpec(
+        path=leaf.path,
+        label=leaf.meta["label"],
+        widget=widget_of(leaf),
+        choices=leaf.meta.get("choices"),
+        help=leaf.meta["help"],
+        default=leaf.json_default,
+        optional=leaf.optional,
+        minimum=leaf.meta.get("ge", leaf.meta.get("gt")),
+        maximum=leaf.meta.get("le", leaf.meta.get("lt")),
+        kohya=leaf.meta.get("kohya"),
+    )
+
+
+FIELDS: tuple[FieldSpec, ...] = tuple(field_spec(leaf) for leaf in LEAVES)
+"""Every setting in display order (groups in ``TrainConfig`` order, fields in class order)."""
 
 ELEM_PREFIX = "lora_train_cfg_"
 """elem_id of a setting's component: this prefix plus the dotted path with '_' for '.'."""
@@ -181,44 +236,57 @@ def _parse_kv(path: str, text: str) -> dict[str, Any]:
     return out
 
 
+def _from_text(spec: FieldSpec, raw: Any) -> Any:
+    text = "" if raw is None else str(raw).strip()
+    return None if spec.optional and not text else text
+
+
+def _from_number(spec: FieldSpec, raw: Any) -> Any:
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        if spec.optional:
+            return None
+        raise ConfigError(spec.path, "is required: enter a number")
+    try:
+        number = float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(spec.path, f"must be a number, got {raw!r}") from None
+    if spec.widget == "int":
+        if not number.is_integer():
+            raise ConfigError(spec.path, f"must be a whole number, got {raw}")
+        return int(number)
+    return number
+
+
+def _from_dropdown(spec: FieldSpec, raw: Any) -> Any:
+    choices = spec.choices or ()
+    if raw in (None, "") and spec.optional:
+        return None
+    for choice in choices:
+        if raw == choice or str(raw) == str(choice):
+            return choice
+    return raw  # errors() names the allowed choices
+
+
+_FROM_WIDGET: dict[str, Callable[[FieldSpec, Any], Any]] = {
+    "text": _from_text,
+    "int": _from_number,
+    "float": _from_number,
+    "checkbox": lambda spec, raw: bool(raw),
+    "dropdown": _from_dropdown,
+    "lines": lambda spec, raw: [line.strip() for line in str(raw or "").splitlines() if line.strip()],
+    "kv": lambda spec, raw: _parse_kv(spec.path, str(raw or "")),
+}
+
+
 def from_widget(spec: FieldSpec, raw: Any) -> Any:
     """What the widget holds as a config value (types only; limits are ``TrainConfig.errors()``'s).
 
     Raises ``ConfigError(spec.path, ...)`` for a value that cannot be read.
     """
-    widget = spec.widget
-    if widget == "text":
-        text = "" if raw is None else str(raw).strip()
-        return None if spec.optional and not text else text
-    if widget in ("int", "float"):
-        if raw is None or (isinstance(raw, str) and not raw.strip()):
-            if spec.optional:
-                return None
-            raise ConfigError(spec.path, "is required: enter a number")
-        try:
-            number = float(raw)
-        except (TypeError, ValueError):
-            raise ConfigError(spec.path, f"must be a number, got {raw!r}") from None
-        if widget == "int":
-            if not number.is_integer():
-                raise ConfigError(spec.path, f"must be a whole number, got {raw}")
-            return int(number)
-        return number
-    if widget == "checkbox":
-        return bool(raw)
-    if widget == "dropdown":
-        choices = spec.choices or ()
-        if raw in (None, "") and spec.optional:
-            return None
-        for choice in choices:
-            if raw == choice or str(raw) == str(choice):
-                return choice
-        return raw  # errors() names the allowed choices
-    if widget == "lines":
-        return [line.strip() for line in str(raw or "").splitlines() if line.strip()]
-    if widget == "kv":
-        return _parse_kv(spec.path, str(raw or ""))
-    raise ValueError(f"unknown widget {widget!r} for {spec.path}")
+    convert = _FROM_WIDGET.get(spec.widget)
+    if convert is None:
+        raise ValueError(f"unknown widget {spec.widget!r} for {spec.path}")
+    return convert(spec, raw)
 
 
 def build_config(values: Mapping[str, Any] | Sequence[Any]) -> tuple[TrainConfig | None, list[ConfigError]]:

@@ -5,14 +5,13 @@ from here; ``start_values`` turns the WebUI's "LoRA Train" settings (start prese
 sampler and steps) into what a fresh tab shows. The host and manager are made on first use and
 live as long as the process, so a job keeps running (and the tab reconnects to it) across the
 WebUI's "Reload UI".
-Imports of the WebUI (``lora_trainer.backends.webui``) and gradio (``lora_trainer.webui.ui``)
-happen inside the callbacks, never at import time.
+Imports of the WebUI (``lora_trainer.backends.webui.*``) and gradio (``lora_trainer.webui.ui``,
+``lora_trainer.webui.settings``) happen inside the callbacks, never at import time.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -27,16 +26,21 @@ _lock = threading.Lock()
 _manager: JobManager | None = None
 
 
-def _backend() -> ModuleType:
-    return importlib.import_module("lora_trainer.backends.webui")
+def _captioners() -> ModuleType:
+    """The backend's DeepBooru/BLIP captioners module (imported when a caption run starts)."""
+    from lora_trainer.backends.webui import captioners
+
+    return captioners
 
 
 def manager() -> JobManager:
     """The process's JobManager over the WebUI host (made on the first call)."""
+    from lora_trainer.backends.webui.host import WebUIHost
+
     global _manager
     with _lock:
         if _manager is None:
-            _manager = JobManager(_backend().WebUIHost())
+            _manager = JobManager(WebUIHost())
         return _manager
 
 
@@ -48,8 +52,9 @@ def preset_dir() -> Path:
 def start_values() -> tuple[str | None, dict[str, Any]]:
     """What a fresh tab shows, from the WebUI settings: the start preset (all its settings) and
     the preview sampler and steps (where that preset leaves them at our defaults)."""
-    backend = _backend()
-    name = backend.setting(backend.OPT_PRESET) or None
+    from lora_trainer.backends.webui.options import OPT_PRESET, sample_defaults, setting
+
+    name = setting(OPT_PRESET) or None
     values: dict[str, Any] = {}
     if name:
         try:
@@ -58,7 +63,7 @@ def start_values() -> tuple[str | None, dict[str, Any]]:
             warning_once(f"LoRA Train start preset {name!r} ignored: {exc}")
             name = None
     ours = TrainConfig().to_flat()
-    for key, value in backend.sample_defaults().items():
+    for key, value in sample_defaults().items():
         path = f"sample.{key}"
         if values.get(path, ours[path]) == ours[path]:
             values[path] = value
@@ -73,28 +78,32 @@ def workshop_root() -> Path:
 def on_ui_tabs() -> list[tuple[Any, str, str]]:
     from lora_trainer.webui import workshop_ui
     from lora_trainer.webui.ui import TAB_ID, TAB_TITLE, create_tab
+    from lora_trainer.webui.workshop_captioners import default_captioners
 
     jobs = manager()
     workshop = functools.partial(
         workshop_ui.build,
         workspaces_root=workshop_root(),
         # DeepBooru and BLIP come from the backend, imported when a caption run starts
-        captioners=workshop_ui.default_captioners(_backend, Path(jobs.host.work_dir) / "wd14"),
+        captioners=default_captioners(_captioners, Path(jobs.host.work_dir) / "wd14"),
     )
     tab = create_tab(jobs, jobs.host, preset_dir=preset_dir(), start_values=start_values, workshop=workshop)
     return [(tab, TAB_TITLE, TAB_ID)]
 
 
 def on_ui_settings() -> None:
-    _backend().register_settings()
+    from lora_trainer.webui.settings import register_settings
+
+    register_settings()
 
 
 def on_app_started(demo: Any, app: Any) -> None:
     """Mount the REST API (``/lora-train/v1/...``) when the WebUI runs with ``--api``."""
-    backend = _backend()
-    if not backend.api_enabled():
+    from lora_trainer.backends.webui.options import api_auth, api_enabled
+
+    if not api_enabled():
         return
     from lora_trainer.webui.api import mount
 
-    mount(app, manager(), auth=backend.api_auth(), preset_dir=preset_dir())
+    mount(app, manager(), auth=api_auth(), preset_dir=preset_dir())
     logger.info("REST API mounted under /lora-train/v1")

@@ -7,12 +7,12 @@ Layout (``create_tab``)::
     │ Preset ▾   Save settings as preset [Save] │ │ [Start] [Resume] [Stop]       │
     │ Dataset | Network & optimizer | Training  │ │ message (red: what to fix)    │
     │   | Save & samples  (+ Dataset workshop)  │ │ status: state, phase, steps   │
-    │ one component per config.FIELDS row       │ │ loss plot (inline SVG)        │
+    │ one component per fields.FIELDS row       │ │ loss plot (inline SVG)        │
     │                                           │ │ preview images                │
     └───────────────────────────────────────────┘ │ [Send to txt2img]             │
                                                    └───────────────────────────────┘
 
-The components are generated from ``config.FIELDS`` (``_field_component``); Start reads them all,
+The components are generated from ``fields.FIELDS`` (``_field_component``); Start reads them all,
 builds a ``TrainConfig`` with ``fields.build_config`` and shows every ``ConfigError`` by field, or
 calls ``JobManager.start``. What the Run column shows comes from the manager alone
 (``current()``/``latest()``), polled once a second by a ``load(..., every=1)`` event (the WebUI
@@ -29,16 +29,18 @@ from typing import Any
 
 import gradio as gr
 
-from lora_trainer.config import FIELDS, PRESETS, FieldSpec, get_preset, list_presets, save_preset
+from lora_trainer.config import PRESETS, get_preset, list_presets, save_preset
 from lora_trainer.contracts import Host, ModelInfo
 from lora_trainer.errors import ConfigError, LoraTrainerError
 from lora_trainer.jobs import JobManager
 from lora_trainer.log import logger, warning_once
 from lora_trainer.webui import render
 from lora_trainer.webui.fields import (
+    FIELDS,
     GROUP_LABELS,
     SECTIONS,
     WIDE,
+    FieldSpec,
     Section,
     build_config,
     elem_id,
@@ -300,7 +302,7 @@ class _Actions:
             job = self.manager.start(cfg, resume=resume)
         except LoraTrainerError as exc:
             return render.exception_html(exc)
-        except Exception as exc:  # the page gets a message, the log the details
+        except Exception as exc:  # noqa: BLE001 - the page's edge: a message for the page, the trace for the log
             logger.exception("could not start training")
             return render.exception_html(exc)
         verb = "Resuming" if resume else "Started"
@@ -329,7 +331,7 @@ class _Actions:
         if self.start_values is not None:
             try:
                 name, values = self.start_values()
-            except Exception as exc:  # a broken setting must not break the page
+            except Exception as exc:  # noqa: BLE001 - the WebUI's settings callback; a broken setting must not break the page
                 warning_once(f"LoRA Train tab: could not read the start settings: {type(exc).__name__}: {exc}")
         chosen = name if name in names else (selected if selected in names else None)
         fields = [to_widget(spec, values[spec.path]) if spec.path in values else gr.update() for spec in FIELDS]
@@ -342,14 +344,14 @@ class _Actions:
         """
         try:
             return self._poll(seen)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an escaping exception would end the page's polling for good
             warning_once(f"LoRA Train tab: status update failed: {type(exc).__name__}: {exc}")
             return [gr.update()] * POLL_OUTPUTS
 
     def model_info(self) -> ModelInfo:
         try:
             return self.host.model_info()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the WebUI's model state is outside our control; shown, not raised
             return ModelInfo(None, "?", "?", problem=f"cannot read the loaded model ({type(exc).__name__}: {exc})")
 
     def _poll(self, seen: dict[str, Any]) -> list[Any]:

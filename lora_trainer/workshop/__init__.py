@@ -2,7 +2,8 @@
 
 Start with :class:`Workspace`; the modules hold the parts:
 
-* :mod:`~lora_trainer.workshop.importer`: folders, zips and uploads into a workspace, safely.
+* :mod:`~lora_trainer.workshop.importer`: folders, zips and uploads into a workspace;
+  :mod:`~lora_trainer.workshop.import_sources` reads them safely (zip slips, zip bombs, limits).
 * :mod:`~lora_trainer.workshop.cleaning`: formats, colour modes, EXIF rotation, broken files.
 * :mod:`~lora_trainer.workshop.dedupe`: exact and near duplicates.
 * :mod:`~lora_trainer.workshop.sizing`: bucket report, fixed-size resize with crop modes.
@@ -19,7 +20,8 @@ from lora_trainer.workshop.advisor import Advice, advise
 from lora_trainer.workshop.captioning import Captioner, CaptionerUnavailable, CaptionOptions, CaptionReport
 from lora_trainer.workshop.cleaning import CleanReport
 from lora_trainer.workshop.dedupe import DuplicateReport
-from lora_trainer.workshop.importer import ImportLimits, ImportReport
+from lora_trainer.workshop.import_sources import ImportLimits
+from lora_trainer.workshop.importer import ImportReport
 from lora_trainer.workshop.report import Problem
 from lora_trainer.workshop.sizing import BucketPlanReport, ResizeReport
 from lora_trainer.workshop.store import UndoReport

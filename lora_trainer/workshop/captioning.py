@@ -220,21 +220,7 @@ class CaptionReport(Report):
     stopped: bool = False
 
 
-def caption_workspace(
-    root: Path,
-    captioner: Captioner,
-    options: CaptionOptions | Mapping | None = None,
-    *,
-    images: Sequence[str] | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> CaptionReport:
-    """Caption the workspace's images (or the workspace-relative ``images``); see the module doc.
-
-    ``progress(done, total)`` is called after each image; ``should_stop()`` is polled before
-    each one. Raises :class:`CaptionerUnavailable` if the captioner cannot run (nothing is
-    written then), :class:`ConfigError` for bad options.
-    """
+def _options(options: CaptionOptions | Mapping | None) -> CaptionOptions:
     if options is None:
         opts = CaptionOptions()
     elif isinstance(options, Mapping):
@@ -242,48 +228,52 @@ def caption_workspace(
     else:
         opts = options
     opts.validate()
-    if not isinstance(captioner, Captioner):
-        raise TypeError("captioner must have a name and a caption(image) method")
-    paths = [resolve_image(root, r) for r in images] if images is not None else iter_images(root)
-    report = CaptionReport(captioner=str(captioner.name), options=opts.to_dict())
+    return opts
 
-    planned: list[tuple[Path, str | None, str, bool]] = []  # path, old caption, new caption, captioner ran
-    for n, path in enumerate(paths):
-        if should_stop is not None and should_stop():
-            report.stopped = True
-            break
-        rel = rel_path(root, path)
+
+_Planned = tuple[Path, str | None, str, bool]  # path, old caption, new caption, captioner ran
+
+
+def _fail(report: CaptionReport, rel: str, code: str, message: str, caption: str = "") -> None:
+    report.add(code, rel, message, "error")
+    report.results.append(CaptionResult(rel, "failed", caption))
+    report.failed += 1
+
+
+def _plan_image(
+    root: Path, path: Path, captioner: Captioner, opts: CaptionOptions, report: CaptionReport
+) -> _Planned | None:
+    """The caption ``path`` gets (the captioner runs unless "keep" finds one); None when the
+    image failed (reported)."""
+    rel = rel_path(root, path)
+    try:
+        existing = read_caption(path)
+    except DatasetError as e:
+        _fail(report, rel, "unreadable", str(e))
+        return None
+    new_tags = None
+    if not (opts.mode == "keep" and existing):
         try:
-            existing = read_caption(path)
+            img = load_image_rgb(path)
         except DatasetError as e:
-            report.add("unreadable", rel, str(e), "error")
-            report.results.append(CaptionResult(rel, "failed"))
-            report.failed += 1
-            continue
-        new_tags = None
-        if not (opts.mode == "keep" and existing):
-            try:
-                img = load_image_rgb(path)
-            except DatasetError as e:
-                report.add("unreadable", rel, f"{e} Run clean() to move such files aside.", "error")
-                report.results.append(CaptionResult(rel, "failed", existing or ""))
-                report.failed += 1
-                continue
-            try:
-                new_tags = postprocess(captioner.caption(img), opts)
-            except CaptionerUnavailable:
-                raise
-            except Exception as e:  # one bad image must not stop a long run
-                report.add("caption_failed", rel, f"{captioner.name} failed on {rel}: {type(e).__name__}: {e}", "error")
-                report.results.append(CaptionResult(rel, "failed", existing or ""))
-                report.failed += 1
-                continue
-            finally:
-                img.close()
-        planned.append((path, existing, merge_caption(existing, new_tags, opts), new_tags is not None))
-        if progress is not None:
-            progress(n + 1, len(paths))
+            _fail(report, rel, "unreadable", f"{e} Run clean() to move such files aside.", existing or "")
+            return None
+        try:
+            new_tags = postprocess(captioner.caption(img), opts)
+        except CaptionerUnavailable:
+            raise
+        except Exception as e:  # noqa: BLE001 - a captioner may raise anything; one bad image must not stop a long run
+            _fail(
+                report, rel, "caption_failed", f"{captioner.name} failed on {rel}: {type(e).__name__}: {e}", existing or ""
+            )
+            return None
+        finally:
+            img.close()
+    return path, existing, merge_caption(existing, new_tags, opts), new_tags is not None
 
+
+def _write_planned(root: Path, planned: list[_Planned], captioner: Captioner, report: CaptionReport) -> None:
+    """Write the changed captions (after saving the old ones for undo) and record every result."""
     # an image without a caption file that would get an empty caption is left without one
     changed = {rel_path(root, p): old for p, old, new, _ in planned if (old or "") != new}
     if changed:
@@ -300,5 +290,41 @@ def caption_workspace(
         else:
             report.results.append(CaptionResult(rel, "skipped", new))
             report.skipped += 1
+
+
+def caption_workspace(
+    root: Path,
+    captioner: Captioner,
+    options: CaptionOptions | Mapping | None = None,
+    *,
+    images: Sequence[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> CaptionReport:
+    """Caption the workspace's images (or the workspace-relative ``images``); see the module doc.
+
+    ``progress(done, total)`` is called after each image; ``should_stop()`` is polled before
+    each one. Raises :class:`CaptionerUnavailable` if the captioner cannot run (nothing is
+    written then), :class:`ConfigError` for bad options.
+    """
+    opts = _options(options)
+    if not isinstance(captioner, Captioner):
+        raise TypeError("captioner must have a name and a caption(image) method")
+    paths = [resolve_image(root, r) for r in images] if images is not None else iter_images(root)
+    report = CaptionReport(captioner=str(captioner.name), options=opts.to_dict())
+
+    planned: list[_Planned] = []
+    for n, path in enumerate(paths):
+        if should_stop is not None and should_stop():
+            report.stopped = True
+            break
+        plan = _plan_image(root, path, captioner, opts, report)
+        if plan is None:
+            continue
+        planned.append(plan)
+        if progress is not None:
+            progress(n + 1, len(paths))
+
+    _write_planned(root, planned, captioner, report)
     report.results.sort(key=lambda r: r.path)
     return report

@@ -33,20 +33,15 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from lora_trainer.data.captions import decode_caption_bytes
 from lora_trainer.data.images import DEFAULT_MAX_PIXELS, load_image_rgb
+from lora_trainer.data.layout import CAPTION_EXTENSION, CAPTION_EXTENSIONS, is_hidden_name, is_workshop_image
 from lora_trainer.errors import DatasetError
+from lora_trainer.files.atomic_write import atomic_write_bytes
+from lora_trainer.files.hashes import file_sha256
 from lora_trainer.workshop.dedupe import Fingerprint, HashCache, fingerprint
-from lora_trainer.workshop.fsutil import (
-    CAPTION_EXT,
-    atomic_write_bytes,
-    atomic_write_text,
-    caption_text,
-    decode_caption_bytes,
-    file_sha256,
-    is_hidden_name,
-    unique_stem,
-)
-from lora_trainer.workshop.layout import caption_path, concept_folders, is_image_name, iter_images, move_aside, rel_path
+from lora_trainer.workshop.fsutil import atomic_write_text, caption_text, unique_stem
+from lora_trainer.workshop.layout import caption_path, concept_folders, iter_images, move_aside, rel_path
 from lora_trainer.workshop.report import Report
 
 __all__ = ["CleanReport", "CleanedFile", "clean_workspace", "needs_conversion", "probe"]
@@ -105,7 +100,7 @@ def probe(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
             if img.format != "PNG" or "exif" in img.info:
                 try:
                     orientation = int(img.getexif().get(_ORIENTATION, 1) or 1)
-                except Exception:  # a broken EXIF block: load_image_rgb ignores it too
+                except Exception:  # noqa: BLE001 - a broken EXIF block (any error): load_image_rgb ignores it too
                     orientation = 1
             facts = {
                 "format": img.format or "",
@@ -158,57 +153,61 @@ def _tidy_captions(root: Path, folder: Path, report: Report) -> None:
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not is_hidden_name(d)]
         names = set(filenames)
-        stems = {os.path.splitext(n)[0] for n in filenames if is_image_name(n)}
+        stems = {os.path.splitext(n)[0] for n in filenames if is_workshop_image(n)}
         for name in sorted(filenames):
-            if is_hidden_name(name):
-                continue
-            stem, ext = os.path.splitext(name)
-            ext = ext.lower()
-            path = Path(dirpath) / name
-            rel = rel_path(root, path)
-            if is_image_name(name):
-                continue
-            if ext not in (CAPTION_EXT, ".caption"):
-                report.add("not_image", rel, f"{rel} is not an image or caption; training ignores it.", "info")
-                continue
-            if stem not in stems:
-                report.add(
-                    "orphan_caption", rel, f"Caption {rel} has no image of the same name; training ignores it.", "info"
-                )
-                continue
-            if ext == ".caption":
-                if stem + CAPTION_EXT in names:
-                    report.add(
-                        "caption_ignored", rel, f"{rel} is ignored: training reads the .txt caption beside it.", "info"
-                    )
-                    continue
-                data = path.read_bytes()
-                text, _ = decode_caption_bytes(data)
-                text, _ = caption_text(text)
-                atomic_write_text(path.with_suffix(CAPTION_EXT), text)
-                os.unlink(path)
-                report.add(
-                    "caption_converted", rel, f"Caption {rel} was saved as .txt, the file training reads.", "info"
-                )
-                continue
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                report.add("unreadable", rel, f"Cannot read caption {rel} ({e.strerror or e}).", "error")
-                continue
-            text, fallback = decode_caption_bytes(data)
-            one, multi = caption_text(text)
-            if fallback or multi or data.startswith(b"\xef\xbb\xbf"):
-                atomic_write_text(path, one)
-                if fallback:
-                    report.add(
-                        "caption_reencoded",
-                        rel,
-                        f"Caption {rel} was not UTF-8; read it as {fallback}, saved as UTF-8.",
-                        "info",
-                    )
-                if multi:
-                    report.add("caption_multiline", rel, f"Caption {rel} had several lines; joined into one.", "info")
+            if not is_hidden_name(name) and not is_workshop_image(name):
+                _tidy_caption_file(root, Path(dirpath) / name, names, stems, report)
+
+
+def _tidy_caption_file(root: Path, path: Path, names: set[str], stems: set[str], report: Report) -> None:
+    """One non-image file of a concept folder: report it, or tidy it as a caption."""
+    stem, ext = os.path.splitext(path.name)
+    ext = ext.lower()
+    rel = rel_path(root, path)
+    if ext not in CAPTION_EXTENSIONS:
+        report.add("not_image", rel, f"{rel} is not an image or caption; training ignores it.", "info")
+    elif stem not in stems:
+        report.add("orphan_caption", rel, f"Caption {rel} has no image of the same name; training ignores it.", "info")
+    elif ext == ".caption":
+        if stem + CAPTION_EXTENSION in names:
+            report.add("caption_ignored", rel, f"{rel} is ignored: training reads the .txt caption beside it.", "info")
+        else:
+            _convert_caption_file(path, rel, report)
+    else:
+        _rewrite_txt_caption(path, rel, report)
+
+
+def _convert_caption_file(path: Path, rel: str, report: Report) -> None:
+    """A ``.caption`` file without a ``.txt`` beside it becomes that ``.txt`` (one UTF-8 line)."""
+    data = path.read_bytes()
+    text, _ = decode_caption_bytes(data)
+    text, _ = caption_text(text or "")
+    atomic_write_text(path.with_suffix(CAPTION_EXTENSION), text)
+    os.unlink(path)
+    report.add("caption_converted", rel, f"Caption {rel} was saved as .txt, the file training reads.", "info")
+
+
+def _rewrite_txt_caption(path: Path, rel: str, report: Report) -> None:
+    """Rewrite a non-UTF-8, BOM-prefixed or multi-line ``.txt`` caption as one UTF-8 line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        report.add("unreadable", rel, f"Cannot read caption {rel} ({e.strerror or e}).", "error")
+        return
+    text, fallback = decode_caption_bytes(data)
+    one, multi = caption_text(text or "")
+    if not (fallback or multi or data.startswith(b"\xef\xbb\xbf")):
+        return
+    atomic_write_text(path, one)
+    if fallback:
+        report.add(
+            "caption_reencoded",
+            rel,
+            f"Caption {rel} was not UTF-8; read it as {fallback}, saved as UTF-8.",
+            "info",
+        )
+    if multi:
+        report.add("caption_multiline", rel, f"Caption {rel} had several lines; joined into one.", "info")
 
 
 @dataclass
@@ -230,7 +229,7 @@ def _analyse(path: Path, background: tuple[int, int, int], max_pixels: int | Non
         img = load_image_rgb(path, background=background, max_pixels=max_pixels)
     except DatasetError as e:
         return _Analysis(error=str(e.args[0]), code=e.args[1] if len(e.args) > 1 else "corrupt")
-    except Exception as e:  # Pillow's plugins raise assorted errors on hostile files; never fatal
+    except Exception as e:  # noqa: BLE001 - Pillow's plugins raise assorted errors on hostile files; never fatal
         return _Analysis(error=f"Cannot decode it ({type(e).__name__}: {e}).", code="corrupt")
     try:
         if not why and img.size != facts["size"] and facts["format"] == "PNG":
@@ -245,7 +244,7 @@ def _analyse(path: Path, background: tuple[int, int, int], max_pixels: int | Non
         return _Analysis(why, png, fingerprint(img, sha), img.size)
     except OSError as e:
         return _Analysis(error=f"Cannot read it ({e.strerror or e}).", code="unreadable")
-    except Exception as e:  # as above
+    except Exception as e:  # noqa: BLE001 - as above: a hostile file must not stop the clean
         return _Analysis(error=f"Cannot process it ({type(e).__name__}: {e}).", code="corrupt")
     finally:
         img.close()
@@ -275,6 +274,7 @@ def _commit(root: Path, path: Path, res: _Analysis, report: CleanReport, cache: 
         report.quarantined += 1
         return
     w, h = res.size
+    assert res.fp is not None  # _analyse sets a fingerprint whenever there is no error
     if not res.why:
         cache.put(path, res.fp)
         report.files.append(CleanedFile(rel, rel, "kept", [], w, h))
@@ -287,6 +287,7 @@ def _commit(root: Path, path: Path, res: _Analysis, report: CleanReport, cache: 
         cap = caption_path(path)
         if cap.exists():  # the caption was shared by both images: each keeps a copy
             shutil.copyfile(cap, caption_path(dest))
+    assert res.png is not None  # _analyse encodes the PNG whenever there is a reason to convert
     atomic_write_bytes(dest, res.png, durable=False)
     if dest != path:
         os.unlink(path)
@@ -321,7 +322,7 @@ def clean_workspace(
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if is_hidden_name(entry.name):
             continue
-        if entry.is_file() and is_image_name(entry.name):
+        if entry.is_file() and is_workshop_image(entry.name):
             report.add(
                 "misplaced",
                 entry.name,

@@ -26,7 +26,8 @@ from PIL import Image
 
 from lora_trainer.data.images import DEFAULT_MAX_PIXELS, load_image_rgb
 from lora_trainer.errors import DatasetError
-from lora_trainer.workshop.fsutil import atomic_write_json, file_sha256
+from lora_trainer.files.hashes import file_sha256
+from lora_trainer.workshop.fsutil import atomic_write_json
 from lora_trainer.workshop.layout import caption_path, iter_images, move_aside, rel_path, state_dir
 from lora_trainer.workshop.report import Report
 
@@ -195,7 +196,7 @@ def _compute(path: Path, max_pixels: int | None) -> Fingerprint | str:
         return str(e)
     except OSError as e:
         return f"cannot read it ({e.strerror or e})"
-    except Exception as e:  # Pillow's plugins raise assorted errors on hostile files
+    except Exception as e:  # noqa: BLE001 - Pillow's plugins raise assorted errors on hostile files
         return f"cannot decode it ({type(e).__name__}: {e})"
 
 
@@ -239,26 +240,11 @@ def near_pairs(
     return out
 
 
-def find_duplicates(
-    root: Path,
-    *,
-    threshold: int = DEFAULT_THRESHOLD,
-    color_tolerance: float = DEFAULT_COLOR_TOLERANCE,
-    remove_exact: bool = False,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    cache: HashCache | None = None,
-    workers: int | None = None,
-) -> DuplicateReport:
-    """Find exact and near duplicates among the workspace's images (see the module doc).
-
-    ``threshold``: the largest dHash distance, in bits of 128, still called a near duplicate
-    (0 = identical hashes only; about 10 catches resizes and JPEG re-encodes, 20+ starts to
-    pair different photos of one scene). Unreadable images are reported and left out.
-    """
-    if not 0 <= int(threshold) <= 128:
-        raise DatasetError(f"The near-duplicate threshold must be between 0 and 128 bits, got {threshold}.")
-    cache = cache or HashCache(root)
-    report = DuplicateReport(threshold=int(threshold))
+def _fingerprints(
+    root: Path, cache: HashCache, max_pixels: int | None, workers: int | None, report: DuplicateReport
+) -> tuple[list[str], list[Fingerprint]]:
+    """(relative paths, fingerprints) of the readable images; computes the missing ones in
+    ``workers`` threads and reports the unreadable ones."""
     rels: list[str] = []
     fps: list[Fingerprint] = []
     paths = iter_images(root)
@@ -281,6 +267,86 @@ def find_duplicates(
             continue
         rels.append(rel)
         fps.append(fp)
+    return rels, fps
+
+
+def _near_groups(
+    rels: list[str], fps: list[Fingerprint], reps: list[int], threshold: int, color_tolerance: float
+) -> list[DuplicateGroup]:
+    """Near-duplicate groups among the distinct contents ``reps`` (indices into ``fps``), by first file."""
+    pairs = near_pairs(
+        [int(fps[i].dhash, 16) for i in reps],
+        [bytes.fromhex(fps[i].color) for i in reps],
+        threshold,
+        color_tolerance,
+    )
+    uf = _UnionFind(len(reps))
+    for a, b, _ in pairs:
+        uf.union(a, b)
+    groups: dict[int, list[int]] = {}
+    for k in range(len(reps)):
+        groups.setdefault(uf.find(k), []).append(k)
+    out = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        files = [reps[k] for k in members]
+        keep = max(files, key=lambda i: (fps[i].width * fps[i].height, -i))
+        kh = int(fps[keep].dhash, 16)
+        dist = max(hamming(kh, int(fps[i].dhash, 16)) for i in files)
+        out.append(DuplicateGroup("near", [rels[i] for i in sorted(files)], rels[keep], dist))
+    out.sort(key=lambda g: g.files[0])
+    return out
+
+
+def _caption_of(image: Path) -> str:
+    cap = caption_path(image)
+    return cap.read_text(encoding="utf-8", errors="replace").strip() if cap.exists() else ""
+
+
+def _remove_exact(root: Path, cache: HashCache, report: DuplicateReport) -> None:
+    """Move every exact copy but the kept one of each group to ``.workshop/removed/``."""
+    for g in report.exact:
+        keep_text = _caption_of(root / g.keep)
+        for rel in g.files:
+            if rel == g.keep:
+                continue
+            path = root / rel
+            text = _caption_of(path)
+            moved = move_aside(root, path, "removed")
+            cache.forget(path)
+            report.removed.append({"path": rel, "moved_to": moved, "duplicate_of": g.keep})
+            if text and text != keep_text:
+                report.add(
+                    "caption_differs",
+                    rel,
+                    f"Removed duplicate {rel} had a different caption than {g.keep}; it is kept in {moved} "
+                    "beside the image. Merge the tags by hand if you need them.",
+                    "info",
+                )
+
+
+def find_duplicates(
+    root: Path,
+    *,
+    threshold: int = DEFAULT_THRESHOLD,
+    color_tolerance: float = DEFAULT_COLOR_TOLERANCE,
+    remove_exact: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    cache: HashCache | None = None,
+    workers: int | None = None,
+) -> DuplicateReport:
+    """Find exact and near duplicates among the workspace's images (see the module doc).
+
+    ``threshold``: the largest dHash distance, in bits of 128, still called a near duplicate
+    (0 = identical hashes only; about 10 catches resizes and JPEG re-encodes, 20+ starts to
+    pair different photos of one scene). Unreadable images are reported and left out.
+    """
+    if not 0 <= int(threshold) <= 128:
+        raise DatasetError(f"The near-duplicate threshold must be between 0 and 128 bits, got {threshold}.")
+    cache = cache or HashCache(root)
+    report = DuplicateReport(threshold=int(threshold))
+    rels, fps = _fingerprints(root, cache, max_pixels, workers, report)
     report.images = len(rels)
 
     by_sha: dict[str, list[int]] = {}
@@ -290,50 +356,10 @@ def find_duplicates(
     for idx in by_sha.values():
         if len(idx) > 1:
             report.exact.append(DuplicateGroup("exact", [rels[i] for i in idx], rels[idx[0]]))
-
-    pairs = near_pairs(
-        [int(fps[i].dhash, 16) for i in reps],
-        [bytes.fromhex(fps[i].color) for i in reps],
-        int(threshold),
-        color_tolerance,
-    )
-    uf = _UnionFind(len(reps))
-    for a, b, _ in pairs:
-        uf.union(a, b)
-    groups: dict[int, list[int]] = {}
-    for k in range(len(reps)):
-        groups.setdefault(uf.find(k), []).append(k)
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        files = [reps[k] for k in members]
-        keep = max(files, key=lambda i: (fps[i].width * fps[i].height, -i))
-        kh = int(fps[keep].dhash, 16)
-        dist = max(hamming(kh, int(fps[i].dhash, 16)) for i in files)
-        report.near.append(DuplicateGroup("near", [rels[i] for i in sorted(files)], rels[keep], dist))
-    report.near.sort(key=lambda g: g.files[0])
+    report.near.extend(_near_groups(rels, fps, reps, int(threshold), color_tolerance))
 
     if remove_exact:
-        for g in report.exact:
-            keep_cap = caption_path(root / g.keep)
-            keep_text = keep_cap.read_text(encoding="utf-8", errors="replace").strip() if keep_cap.exists() else ""
-            for rel in g.files:
-                if rel == g.keep:
-                    continue
-                path = root / rel
-                cap = caption_path(path)
-                text = cap.read_text(encoding="utf-8", errors="replace").strip() if cap.exists() else ""
-                moved = move_aside(root, path, "removed")
-                cache.forget(path)
-                report.removed.append({"path": rel, "moved_to": moved, "duplicate_of": g.keep})
-                if text and text != keep_text:
-                    report.add(
-                        "caption_differs",
-                        rel,
-                        f"Removed duplicate {rel} had a different caption than {g.keep}; it is kept in {moved} "
-                        "beside the image. Merge the tags by hand if you need them.",
-                        "info",
-                    )
+        _remove_exact(root, cache, report)
     cache.prune(set(rels) - {r["path"] for r in report.removed})
     cache.save()
     return report

@@ -1,35 +1,28 @@
-"""File helpers of the workshop: atomic writes, safe file names, caption decoding, hashing."""
+"""File helpers of the workshop: safe file names, unique stems, text/JSON atomic writes, one-line captions.
+
+The portable-name rules themselves live in :mod:`lora_trainer.filenames`; the dataset folder
+rules (extensions, hidden files) in :mod:`lora_trainer.data.layout`.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import unicodedata
 from typing import Any
 
-from ..data.cache import file_sha256
-from ..data.captions import decode_caption_bytes
-from ..data.dataset import is_hidden_entry, is_hidden_name
-from ..io import atomic_write_bytes
+from lora_trainer.filenames import is_windows_reserved, replace_bad_chars
+from lora_trainer.files.atomic_write import atomic_write_bytes
 
 __all__ = [
-    "CAPTION_EXT",
-    "atomic_write_bytes",
+    "MAX_STEM",
     "atomic_write_json",
     "atomic_write_text",
-    "decode_caption_bytes",
-    "file_sha256",
-    "is_hidden_entry",
-    "is_hidden_name",
+    "caption_text",
     "safe_name",
     "unique_stem",
 ]
 
-CAPTION_EXT = ".txt"  # the one caption store training reads
-
-_BAD_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
-_WIN_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 MAX_STEM = 100
 
 
@@ -41,10 +34,10 @@ def safe_name(name: str, fallback: str = "image") -> str:
     kept (NFC-normalised, so macOS and Linux agree on the bytes).
     """
     name = unicodedata.normalize("NFC", name)
-    name = _BAD_CHARS.sub("_", name).strip().rstrip(". ")
+    name = replace_bad_chars(name).strip().rstrip(". ")
     if name in ("", ".", ".."):
         name = fallback
-    if name.split(".")[0].upper() in _WIN_RESERVED:
+    if is_windows_reserved(name):
         name = "_" + name
     return name[:MAX_STEM]
 
@@ -61,7 +54,7 @@ def unique_stem(stem: str, taken: set[str]) -> str:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """:func:`atomic_write_bytes` of ``text`` as UTF-8 (no BOM)."""
+    """:func:`~lora_trainer.files.atomic_write.atomic_write_bytes` of ``text`` as UTF-8 (no BOM)."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 

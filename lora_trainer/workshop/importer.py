@@ -4,10 +4,11 @@ The source is only ever read: files are copied (never moved, never modified). Wh
 workspace follows kohya's layout, ``<workspace>/<repeats>_<concept>/<name>.<ext>`` with the
 caption in ``<name>.txt`` beside it:
 
-* A source folder named ``<N>_<name>`` (at any depth, the nearest one wins) puts the images
-  under it into concept ``<name>`` with ``N`` repeats; other images go to the ``concept`` and
-  ``repeats`` given to the import (default: the source's name, 1 repeat). Subfolders are
-  flattened into their concept folder.
+* A source folder that training would take as a subset (``<N>_<name>``, the rule of
+  :func:`lora_trainer.data.layout.parse_subset_folder`; at any depth, the nearest one wins) puts
+  the images under it into concept ``<name>`` with ``N`` repeats (``<N>_`` with no name sets only
+  the repeats); other images go to the ``concept`` and ``repeats`` given to the import (default:
+  the source's name, 1 repeat). Subfolders are flattened into their concept folder.
 * A caption is the source's ``<stem>.txt`` in the image's folder, or else ``<stem>.caption``
   (converted to ``.txt`` and reported: training reads only ``.txt``). Non-UTF-8 captions are
   decoded with a fallback and written as UTF-8; multi-line captions are joined into one line.
@@ -19,81 +20,65 @@ caption in ``<name>.txt`` beside it:
 * Zips: members with unsafe names (``../x``, absolute paths, drive letters, symlinks) are
   rejected and reported and nothing is ever written outside the workspace; an archive over
   :class:`ImportLimits` (members, total size, compression ratio: zip bombs) is refused as a whole
-  with a :class:`~lora_trainer.errors.DatasetError` before anything is written.
+  with a :class:`~lora_trainer.errors.DatasetError` before anything is written. Reading the
+  sources safely is :mod:`lora_trainer.workshop.import_sources`.
 
 Images are copied byte for byte; :meth:`Workspace.clean` converts and checks them afterwards.
 """
-
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
-import stat
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
-from lora_trainer.data.images import IMAGE_EXTENSIONS
-from lora_trainer.errors import DatasetError
-from lora_trainer.workshop.fsutil import (
-    CAPTION_EXT,
-    atomic_write_text,
-    caption_text,
-    decode_caption_bytes,
-    is_hidden_entry,
+from lora_trainer.data.captions import decode_caption_bytes
+from lora_trainer.data.layout import (
+    CAPTION_EXTENSION,
+    CAPTION_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    WORKSHOP_IMAGE_EXTENSIONS,
     is_hidden_name,
-    safe_name,
-    unique_stem,
+    parse_subset_folder,
 )
+from lora_trainer.errors import DatasetError
+from lora_trainer.workshop.fsutil import atomic_write_text, caption_text, safe_name, unique_stem
+from lora_trainer.workshop.import_sources import (
+    ImportLimits,
+    MiB,
+    SourceEntry,
+    TooLarge,
+    copy_limited,
+    folder_entries,
+    is_inside,
+    member_problem,
+    read_limited,
+    same_content,
+    source_parts,
+    upload_entry,
+    zip_entries,
+)
+from lora_trainer.workshop.layout import concept_folder_name
 from lora_trainer.workshop.report import Report, some
 
 __all__ = [
-    "SOURCE_CAPTION_EXTENSIONS",
-    "SOURCE_IMAGE_EXTENSIONS",
-    "ImportLimits",
     "ImportReport",
     "ImportedFile",
-    "concept_folder_name",
     "import_files",
     "import_folder",
     "import_zip",
-    "parse_concept_folder",
 ]
 
-# Training reads IMAGE_EXTENSIONS; these few more are imported and turned into PNG by clean().
-SOURCE_IMAGE_EXTENSIONS = (*IMAGE_EXTENSIONS, ".jfif", ".jpe", ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".dib")
-SOURCE_CAPTION_EXTENSIONS = (".txt", ".caption")
 _JPEG_EXTS = (".jpeg", ".jpe", ".jfif")
-_CONCEPT_RE = re.compile(r"^(\d+)_(.+)$", re.DOTALL)
-_DRIVE_RE = re.compile(r"^[A-Za-z]:")
 _MAX_CAPTION_BYTES = 1 << 20
-_CHUNK = 1 << 20
+# what reading or unpacking one source file can raise besides running past the size limit
+_READ_ERRORS = (OSError, zipfile.BadZipFile, RuntimeError, EOFError, NotImplementedError, zlib.error)
 
-MiB = 1 << 20
-
-
-@dataclass(frozen=True)
-class ImportLimits:
-    """Limits that protect the disk and the process from hostile or broken input.
-
-    max_file_bytes: largest single file (uncompressed) imported; bigger files are skipped.
-    max_members / max_total_bytes: a zip with more members, or more uncompressed bytes in all,
-        is refused as a whole.
-    max_ratio: a zip member that expands more than this many times (and to more than
-        ``ratio_min_bytes``) makes the zip refused: the signature of a zip bomb. Images are
-        already compressed (ratio near 1); only flat uncompressed files (BMP) come near it.
-    """
-
-    max_file_bytes: int = 256 * MiB
-    max_members: int = 20_000
-    max_total_bytes: int = 8 * 1024 * MiB
-    max_ratio: float = 200.0
-    ratio_min_bytes: int = 16 * MiB
+_CaptionKey = tuple[tuple[str, ...], str]  # (folder parts, stem) of a source file
 
 
 @dataclass
@@ -137,204 +122,7 @@ class ImportReport(Report):
         )
 
 
-# -- concept folders -----------------------------------------------------------------------------
-
-
-def parse_concept_folder(name: str) -> tuple[int, str] | None:
-    """(repeats, concept) of a kohya ``<N>_<name>`` folder name, or None (also for 0 repeats)."""
-    m = _CONCEPT_RE.match(name)
-    if m is None or int(m.group(1)) < 1 or not m.group(2).strip():
-        return None
-    return int(m.group(1)), m.group(2).strip()
-
-
-def concept_folder_name(repeats: int, concept: str) -> str:
-    """``<repeats>_<concept>`` with the concept made a safe folder name."""
-    if int(repeats) != repeats or repeats < 1:
-        raise DatasetError(f"Repeats must be a whole number of at least 1, got {repeats!r}.")
-    return f"{int(repeats)}_{safe_name(concept, 'images')}"
-
-
-# -- sources ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Entry:
-    parts: tuple[str, ...]  # path below the import root, as components
-    display: str
-    size: int
-    open: Callable[[], BinaryIO]
-
-    @property
-    def ext(self) -> str:
-        return os.path.splitext(self.parts[-1])[1].lower()
-
-    @property
-    def stem(self) -> str:
-        return os.path.splitext(self.parts[-1])[0]
-
-
-def _is_inside(child: Path, parent: Path) -> bool:
-    try:
-        Path(os.path.realpath(child)).relative_to(os.path.realpath(parent))
-        return True
-    except ValueError:
-        return False
-
-
-def _walk_folder(src: Path, report: ImportReport, exclude: Sequence[Path]) -> list[_Entry]:
-    out: list[_Entry] = []
-    excluded = {os.path.realpath(p) for p in exclude}
-    stack: list[tuple[Path, tuple[str, ...]]] = [(src, ())]
-    while stack:
-        folder, rel = stack.pop()
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as e:
-            report.add(
-                "unreadable", folder, f"Cannot read folder {folder} ({e.strerror or e}); it was skipped.", "error"
-            )
-            continue
-        subdirs = []
-        for entry in entries:
-            path = Path(entry.path)
-            try:
-                is_dir = entry.is_dir()
-                is_link = entry.is_symlink()
-            except OSError:
-                is_dir = is_link = False
-            if is_hidden_entry(entry):
-                report.add("hidden", path, f"Skipped hidden {'folder' if is_dir else 'file'} {path}.", "info")
-                report.skipped += 1
-                continue
-            if is_dir:
-                if is_link:
-                    report.add("symlink_folder", path, f"Skipped {path}: a link to a folder (copy its files instead).")
-                elif os.path.realpath(path) in excluded:
-                    report.add("workspace_folder", path, f"Skipped {path}: it is a workshop folder.", "info")
-                else:
-                    subdirs.append((path, (*rel, entry.name)))
-                continue
-            try:
-                size = entry.stat().st_size
-            except OSError as e:
-                report.add("unreadable", path, f"Cannot read {path} ({e.strerror or e}); it was skipped.", "error")
-                report.skipped += 1
-                continue
-            out.append(_Entry((*rel, entry.name), str(path), size, functools.partial(open, path, "rb")))
-        stack.extend(reversed(subdirs))
-    return out
-
-
-def _member_problem(info: zipfile.ZipInfo) -> tuple[str, str] | None:
-    """(code, reason) when a zip member must not be extracted, else None."""
-    name = info.filename
-    mode = info.external_attr >> 16
-    if "\x00" in name:
-        return "zip_slip", "its name contains a NUL character"
-    norm = name.replace("\\", "/")
-    if norm.startswith("/"):
-        return "zip_slip", "it has an absolute path"
-    if _DRIVE_RE.match(norm):
-        return "zip_slip", "its path starts with a drive letter"
-    if any(p == ".." for p in norm.split("/")):
-        return "zip_slip", "its path leads outside the archive folder ('..')"
-    if stat.S_ISLNK(mode):
-        return "zip_symlink", "it is a symbolic link"
-    if info.flag_bits & 0x1:
-        return "zip_encrypted", "it is encrypted (password-protected zips are not supported; unzip it first)"
-    return None
-
-
-def _zip_entries(zf: zipfile.ZipFile, label: str, limits: ImportLimits, report: ImportReport) -> list[_Entry]:
-    infos = zf.infolist()
-    if len(infos) > limits.max_members:
-        raise DatasetError(
-            f"Refused {label}: it has {len(infos)} entries, more than the limit of {limits.max_members}. "
-            "Split it into smaller zips or unpack it and import the folder."
-        )
-    total = sum(i.file_size for i in infos)
-    if total > limits.max_total_bytes:
-        raise DatasetError(
-            f"Refused {label}: it would unpack to {total / MiB:.0f} MiB, more than the limit of "
-            f"{limits.max_total_bytes / MiB:.0f} MiB. Split it, or unpack it yourself and import the folder."
-        )
-    for i in infos:
-        if i.file_size > limits.ratio_min_bytes and i.file_size > limits.max_ratio * max(i.compress_size, 1):
-            raise DatasetError(
-                f"Refused {label}: member {i.filename!r} expands from {i.compress_size} bytes to {i.file_size} bytes "
-                f"({i.file_size / max(i.compress_size, 1):.0f} times, limit {limits.max_ratio:.0f}); that is how "
-                "zip bombs look. If it is a real file, unpack the zip yourself and import the folder."
-            )
-    out: list[_Entry] = []
-    for info in infos:
-        if info.is_dir():
-            continue
-        where = f"{label}:{info.filename}"
-        problem = _member_problem(info)
-        if problem is not None:
-            code, why = problem
-            report.add(
-                code, where, f"Rejected zip member {info.filename!r}: {why}. Nothing was written for it.", "error"
-            )
-            report.skipped += 1
-            continue
-        parts = tuple(p for p in info.filename.replace("\\", "/").split("/") if p not in ("", "."))
-        if not parts:
-            continue
-        out.append(_Entry(parts, where, info.file_size, lambda i=info: zf.open(i, "r")))
-    return out
-
-
-# -- the import engine -----------------------------------------------------------------------------
-
-
-def _read_limited(entry: _Entry, limit: int) -> bytes:
-    with entry.open() as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise _TooLarge
-    return data
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _copy_limited(entry: _Entry, dest: Path, limit: int) -> None:
-    """Copy ``entry`` to ``dest`` through a hidden temporary file; at most ``limit`` bytes."""
-    tmp = dest.with_name(f".{dest.name}.import.tmp")
-    n = 0
-    try:
-        with entry.open() as src, open(tmp, "wb") as out:
-            while True:
-                chunk = src.read(_CHUNK)
-                if not chunk:
-                    break
-                n += len(chunk)
-                if n > limit:
-                    raise _TooLarge
-                out.write(chunk)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _same_content(entry: _Entry, path: Path) -> bool:
-    try:
-        if path.stat().st_size != entry.size:
-            return False
-        with entry.open() as a, open(path, "rb") as b:
-            while True:
-                x, y = a.read(_CHUNK), b.read(_CHUNK)
-                if x != y:
-                    return False
-                if not x:
-                    return True
-    except (OSError, zipfile.BadZipFile):
-        return False
+# -- the workspace side ----------------------------------------------------------------------------
 
 
 class _FolderIndex:
@@ -358,12 +146,12 @@ class _FolderIndex:
         for k in keys:
             self.by_key.setdefault(k, []).append(name)
 
-    def already_present(self, entry: _Entry, stem: str, ext: str) -> Path | None:
+    def already_present(self, entry: SourceEntry, stem: str, ext: str) -> Path | None:
         """An earlier import of ``entry``: same bytes, named ``stem`` or ``stem_<n>`` (a collision
         rename). Identical files under other names are not matched: those are duplicates for
         find_duplicates() to flag, not re-imports."""
         for name in self.by_key.get((stem.lower(), ext.lower()), []):
-            if _same_content(entry, self.folder / name):
+            if same_content(entry, self.folder / name):
                 return self.folder / name
         return None
 
@@ -372,13 +160,13 @@ def _target_ext(ext: str) -> str:
     return ".jpg" if ext in _JPEG_EXTS else ext
 
 
-def _read_caption(entry: _Entry, report: ImportReport) -> str | None:
+def _read_caption(entry: SourceEntry, report: ImportReport) -> str | None:
     if entry.size > _MAX_CAPTION_BYTES:
         report.add("too_large", entry.display, f"Skipped caption {entry.display}: larger than 1 MiB.")
         return None
     try:
-        data = _read_limited(entry, _MAX_CAPTION_BYTES)
-    except _TooLarge:
+        data = read_limited(entry, _MAX_CAPTION_BYTES)
+    except TooLarge:
         report.add("too_large", entry.display, f"Skipped caption {entry.display}: larger than 1 MiB.")
         return None
     except (OSError, zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error) as e:
@@ -392,7 +180,7 @@ def _read_caption(entry: _Entry, report: ImportReport) -> str | None:
             f"Caption {entry.display} was not UTF-8; read it as {fallback} and saved it as UTF-8. Check its accents.",
             "info",
         )
-    text, multi = caption_text(text)
+    text, multi = caption_text(text or "")
     if multi:
         report.add(
             "caption_multiline",
@@ -403,163 +191,204 @@ def _read_caption(entry: _Entry, report: ImportReport) -> str | None:
     return text
 
 
-def _import_entries(
-    workspace: Path,
-    entries: Iterable[_Entry],
-    *,
-    root_name: str,
-    default_concept: str,
-    default_repeats: int,
-    limits: ImportLimits,
-    report: ImportReport,
-) -> None:
-    images: list[_Entry] = []
-    captions: dict[tuple[tuple[str, ...], str], dict[str, _Entry]] = {}
-    for e in entries:
+# -- the import engine -----------------------------------------------------------------------------
+
+
+class _ImportRun:
+    """One import of a list of source entries into ``workspace`` (see the module doc)."""
+
+    def __init__(
+        self,
+        workspace: Path,
+        *,
+        root_name: str,
+        default_concept: str,
+        default_repeats: int,
+        limits: ImportLimits,
+        report: ImportReport,
+    ):
+        self.workspace = workspace
+        self.root_name = root_name
+        self.default_concept = default_concept
+        self.default_repeats = default_repeats
+        self.limits = limits
+        self.report = report
+        self.images: list[SourceEntry] = []
+        self.captions: dict[_CaptionKey, dict[str, SourceEntry]] = {}
+        self.by_key: dict[_CaptionKey, list[SourceEntry]] = {}
+        self.caption_cache: dict[_CaptionKey, tuple[str | None, str | None]] = {}
+        self.indexes: dict[Path, _FolderIndex] = {}
+        self.created: list[Path] = []
+
+    def run(self, entries: Iterable[SourceEntry]) -> None:
+        for e in entries:
+            self._sort(e)
+        for e in self.images:
+            self.by_key.setdefault((e.parts[:-1], e.stem), []).append(e)
+        self._report_orphan_captions()
+        for e in sorted(self.images, key=lambda x: x.parts):
+            self._import_image(e)
+        for folder in self.created:  # folders whose every image failed
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    # -- sorting the entries
+
+    def _skip(self, code: str, e: SourceEntry, message: str, severity: str = "warning") -> None:
+        self.report.add(code, e.display, message, severity)
+        self.report.skipped += 1
+
+    def _sort(self, e: SourceEntry) -> None:
+        """File ``e`` as an image or a caption, or skip it (reported)."""
         if any(is_hidden_name(p) for p in e.parts):
-            report.add("hidden", e.display, f"Skipped hidden file {e.display}.", "info")
-            report.skipped += 1
-        elif e.ext in SOURCE_IMAGE_EXTENSIONS:
+            self._skip("hidden", e, f"Skipped hidden file {e.display}.", "info")
+        elif e.ext in WORKSHOP_IMAGE_EXTENSIONS:
             if e.size == 0:
-                report.add("empty", e.display, f"Skipped {e.display}: the file is empty (0 bytes).")
-                report.skipped += 1
-            elif e.size > limits.max_file_bytes:
-                report.add(
+                self._skip("empty", e, f"Skipped {e.display}: the file is empty (0 bytes).")
+            elif e.size > self.limits.max_file_bytes:
+                self._skip(
                     "too_large",
-                    e.display,
-                    f"Skipped {e.display}: {e.size / MiB:.0f} MiB is above the {limits.max_file_bytes / MiB:.0f} MiB "
-                    "limit per file. Scale it down or save it as JPEG.",
+                    e,
+                    f"Skipped {e.display}: {e.size / MiB:.0f} MiB is above the "
+                    f"{self.limits.max_file_bytes / MiB:.0f} MiB limit per file. Scale it down or save it as JPEG.",
                 )
-                report.skipped += 1
             else:
-                images.append(e)
-        elif e.ext in SOURCE_CAPTION_EXTENSIONS:
-            captions.setdefault((e.parts[:-1], e.stem), {})[e.ext] = e
+                self.images.append(e)
+        elif e.ext in CAPTION_EXTENSIONS:
+            self.captions.setdefault((e.parts[:-1], e.stem), {})[e.ext] = e
         else:
-            report.add(
+            self._skip(
                 "not_image",
-                e.display,
-                f"Skipped {e.display}: not an image or caption (image types: {' '.join(SOURCE_IMAGE_EXTENSIONS)}).",
+                e,
+                f"Skipped {e.display}: not an image or caption (image types: {' '.join(WORKSHOP_IMAGE_EXTENSIONS)}).",
                 "info",
             )
-            report.skipped += 1
 
-    by_key: dict[tuple[tuple[str, ...], str], list[_Entry]] = {}
-    for e in images:
-        by_key.setdefault((e.parts[:-1], e.stem), []).append(e)
-    caption_cache: dict[tuple[tuple[str, ...], str], tuple[str | None, str | None]] = {}
-    for key, caps in captions.items():
-        if key not in by_key:
-            for c in caps.values():
-                report.add(
-                    "orphan_caption", c.display, f"Skipped caption {c.display}: no image of the same name.", "info"
-                )
-                report.skipped += 1
+    def _report_orphan_captions(self) -> None:
+        for key, caps in self.captions.items():
+            if key not in self.by_key:
+                for c in caps.values():
+                    self._skip("orphan_caption", c, f"Skipped caption {c.display}: no image of the same name.", "info")
 
-    taken: dict[Path, _FolderIndex] = {}
-    created: list[Path] = []
-    for e in sorted(images, key=lambda x: x.parts):
-        repeats, concept = default_repeats, default_concept
-        for name in (*reversed(e.parts[:-1]), root_name):
-            parsed = parse_concept_folder(name)
+    # -- one image
+
+    def _concept_of(self, e: SourceEntry) -> tuple[int, str]:
+        """(repeats, concept): the nearest subset-named folder above ``e``, else the defaults."""
+        for name in (*reversed(e.parts[:-1]), self.root_name):
+            parsed = parse_subset_folder(name)
             if parsed is not None:
-                repeats, concept = parsed
-                break
-        folder_name = concept_folder_name(repeats, concept)
-        folder = workspace / folder_name
-        if not _is_inside(folder, workspace):  # defence in depth: safe_name already prevents it
-            report.add(
-                "zip_slip", e.display, f"Rejected {e.display}: its folder would be outside the workspace.", "error"
-            )
-            continue
+                return parsed[0], parsed[1] or self.default_concept
+        return self.default_repeats, self.default_concept
+
+    def _folder_index(self, folder: Path) -> _FolderIndex:
         if not folder.is_dir():
             folder.mkdir(parents=True)
-            created.append(folder)
-        index = taken.get(folder)
+            self.created.append(folder)
+        index = self.indexes.get(folder)
         if index is None:
-            index = taken[folder] = _FolderIndex(folder)
+            index = self.indexes[folder] = _FolderIndex(folder)
+        return index
 
-        key = (e.parts[:-1], e.stem)
-        if key not in caption_cache:
-            caps = captions.get(key, {})
-            text = source = None
-            txt, cap = caps.get(".txt"), caps.get(".caption")
-            if txt is not None:
-                text, source = _read_caption(txt, report), txt.display
-                if text is None:
-                    source = None
-            if cap is not None:
-                cap_text = _read_caption(cap, report)
-                if source is None and cap_text is not None:
-                    text, source = cap_text, cap.display
-                    report.add(
-                        "caption_converted",
-                        cap.display,
-                        f"Caption {cap.display} (.caption) was saved as .txt, the caption file training reads.",
-                        "info",
-                    )
-                elif cap_text is not None and cap_text != text:
-                    report.add(
-                        "caption_conflict",
-                        cap.display,
-                        f"{cap.display} differs from the .txt caption beside it; the .txt caption was used.",
-                    )
-            caption_cache[key] = (text, source)
-            if source is not None and len(by_key[key]) > 1:
-                report.add(
-                    "caption_shared",
-                    source,
-                    f"Caption {source} belongs to {len(by_key[key])} images of the same name "
-                    f"({some(x.parts[-1] for x in by_key[key])}); each got a copy.",
-                    "info",
-                )
-        text, source = caption_cache[key]
-
+    def _import_image(self, e: SourceEntry) -> None:
+        folder_name = concept_folder_name(*self._concept_of(e))
+        folder = self.workspace / folder_name
+        if not is_inside(folder, self.workspace):  # defence in depth: safe_name already prevents it
+            self.report.add(
+                "zip_slip", e.display, f"Rejected {e.display}: its folder would be outside the workspace.", "error"
+            )
+            return
+        index = self._folder_index(folder)
+        text, source = self._caption(e)
         ext = _target_ext(e.ext)
         stem = safe_name(e.stem)
         existing = index.already_present(e, stem, ext)
         if existing is not None:
-            report.add(
+            self._skip(
                 "already_present",
-                e.display,
+                e,
                 f"{e.display} is already in the workspace as {folder_name}/{existing.name}.",
                 "info",
             )
-            report.skipped += 1
-            continue
+            return
         new_stem = unique_stem(stem, index.stems)
         dest = folder / (new_stem + ext)
-        try:
-            _copy_limited(e, dest, limits.max_file_bytes)
-        except _TooLarge:
+        if not self._copy(e, dest):
             index.stems.discard(new_stem.lower())
-            report.add("too_large", e.display, f"Skipped {e.display}: larger than the limit per file.")
-            report.skipped += 1
-            continue
-        except (OSError, zipfile.BadZipFile, RuntimeError, EOFError, NotImplementedError, zlib.error) as e2:
-            index.stems.discard(new_stem.lower())
-            code = "unreadable" if isinstance(e2, OSError) else "corrupt_member"
-            why = e2.strerror if isinstance(e2, OSError) and e2.strerror else str(e2)
-            report.add(
-                code,
-                e.display,
-                f"Cannot read {e.display} ({why}); it was skipped. Check its permissions or re-create it.",
-                "error",
-            )
-            report.skipped += 1
-            continue
+            return
         index.add(dest.name)
         rel = f"{folder_name}/{dest.name}"
         if new_stem != e.stem:
             why = "to avoid a name collision" if new_stem != stem else "to make the name safe on every system"
-            report.add("renamed", e.display, f"{e.display} was saved as {rel} {why}.", "info")
+            self.report.add("renamed", e.display, f"{e.display} was saved as {rel} {why}.", "info")
         if text is not None:
-            atomic_write_text(dest.with_suffix(CAPTION_EXT), text)
-        report.imported.append(ImportedFile(e.display, rel, folder_name, source))
-        report.concept_folders[folder_name] = report.concept_folders.get(folder_name, 0) + 1
-    for folder in created:  # folders whose every image failed
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+            atomic_write_text(dest.with_suffix(CAPTION_EXTENSION), text)
+        self.report.imported.append(ImportedFile(e.display, rel, folder_name, source))
+        self.report.concept_folders[folder_name] = self.report.concept_folders.get(folder_name, 0) + 1
+
+    def _copy(self, e: SourceEntry, dest: Path) -> bool:
+        """Copy ``e`` to ``dest``; False (reported, skipped) when it cannot be read or is too large."""
+        try:
+            copy_limited(e, dest, self.limits.max_file_bytes)
+        except TooLarge:
+            self._skip("too_large", e, f"Skipped {e.display}: larger than the limit per file.")
+            return False
+        except _READ_ERRORS as e2:
+            code = "unreadable" if isinstance(e2, OSError) else "corrupt_member"
+            why = e2.strerror if isinstance(e2, OSError) and e2.strerror else str(e2)
+            self._skip(
+                code, e, f"Cannot read {e.display} ({why}); it was skipped. Check its permissions or re-create it.", "error"
+            )
+            return False
+        return True
+
+    # -- captions
+
+    def _caption(self, e: SourceEntry) -> tuple[str | None, str | None]:
+        """(caption text, caption source) of image ``e``: read once per source name."""
+        key = (e.parts[:-1], e.stem)
+        if key not in self.caption_cache:
+            text, source = self._pick_caption(self.captions.get(key, {}))
+            self.caption_cache[key] = (text, source)
+            same_name = self.by_key[key]
+            if source is not None and len(same_name) > 1:
+                self.report.add(
+                    "caption_shared",
+                    source,
+                    f"Caption {source} belongs to {len(same_name)} images of the same name "
+                    f"({some(x.parts[-1] for x in same_name)}); each got a copy.",
+                    "info",
+                )
+        return self.caption_cache[key]
+
+    def _pick_caption(self, caps: dict[str, SourceEntry]) -> tuple[str | None, str | None]:
+        """The ``.txt`` caption, else the ``.caption`` one (reported as converted); a differing
+        ``.caption`` beside a ``.txt`` is reported as a conflict."""
+        text = source = None
+        txt, cap = caps.get(".txt"), caps.get(".caption")
+        if txt is not None:
+            text = _read_caption(txt, self.report)
+            source = txt.display if text is not None else None
+        if cap is None:
+            return text, source
+        cap_text = _read_caption(cap, self.report)
+        if source is None and cap_text is not None:
+            self.report.add(
+                "caption_converted",
+                cap.display,
+                f"Caption {cap.display} (.caption) was saved as .txt, the caption file training reads.",
+                "info",
+            )
+            return cap_text, cap.display
+        if cap_text is not None and cap_text != text:
+            self.report.add(
+                "caption_conflict",
+                cap.display,
+                f"{cap.display} differs from the .txt caption beside it; the .txt caption was used.",
+            )
+        return text, source
+
+
+# -- the public entry points -----------------------------------------------------------------------
 
 
 def _no_images_error(what: str, report: ImportReport) -> DatasetError:
@@ -572,6 +401,18 @@ def _no_images_error(what: str, report: ImportReport) -> DatasetError:
         f"Add image files ({' '.join(IMAGE_EXTENSIONS)}), optionally with a .txt caption of the same name, "
         "or pick another folder."
     )
+
+
+def _check_imported(report: ImportReport, what: str) -> ImportReport:
+    if not report.imported and not report.problems_with("already_present"):
+        raise _no_images_error(what, report)
+    return report
+
+
+def _name_concept(name: str) -> str:
+    """The concept a source named ``name`` stands for: its subset concept, else the name itself."""
+    parsed = parse_subset_folder(name)
+    return parsed[1] if parsed is not None else name
 
 
 def import_folder(
@@ -593,23 +434,20 @@ def import_folder(
         raise DatasetError(
             f"Cannot import {src}: it is not a folder (or does not exist). Pick the folder with your images."
         )
-    if _is_inside(src, workspace):
+    if is_inside(src, workspace):
         raise DatasetError(f"Cannot import {src}: it is inside the workspace {workspace}. Pick a folder outside it.")
     report = ImportReport(source=str(src))
-    entries = _walk_folder(src, report, [workspace, *exclude])
+    entries = folder_entries(src, report, [workspace, *exclude])
     root_name = src.resolve().name
-    _import_entries(
+    _ImportRun(
         workspace,
-        entries,
         root_name=root_name,
-        default_concept=concept or (parse_concept_folder(root_name) or (0, root_name))[1] or "images",
+        default_concept=concept or _name_concept(root_name) or "images",
         default_repeats=repeats or 1,
         limits=limits,
         report=report,
-    )
-    if not report.imported and not report.problems_with("already_present"):
-        raise _no_images_error(f"folder {src}", report)
-    return report
+    ).run(entries)
+    return _check_imported(report, f"folder {src}")
 
 
 def import_zip(
@@ -638,19 +476,16 @@ def import_zip(
     except (zipfile.BadZipFile, OSError) as e:
         raise DatasetError(f"Cannot import {label}: it is not a readable zip file ({e}). Re-create the zip.") from None
     with zf:
-        entries = _zip_entries(zf, label, limits, report)
-        _import_entries(
+        entries = zip_entries(zf, label, limits, report)
+        _ImportRun(
             workspace,
-            entries,
             root_name=stem,
-            default_concept=concept or (parse_concept_folder(stem) or (0, stem))[1],
+            default_concept=concept or _name_concept(stem),
             default_repeats=repeats or 1,
             limits=limits,
             report=report,
-        )
-    if not report.imported and not report.problems_with("already_present"):
-        raise _no_images_error(f"zip {label}", report)
-    return report
+        ).run(entries)
+    return _check_imported(report, f"zip {label}")
 
 
 def import_files(
@@ -673,15 +508,14 @@ def import_files(
     if len(names) != len(paths):
         raise ValueError("names must have one entry per path")
     report = ImportReport(source=f"{len(paths)} uploaded file(s)")
-    entries: list[_Entry] = []
+    entries: list[SourceEntry] = []
     for p, name in zip(paths, names, strict=True):
-        info = zipfile.ZipInfo(name)  # reuse the zip-member name checks
-        problem = _member_problem(info)
+        problem = member_problem(zipfile.ZipInfo(name))  # reuse the zip-member name checks
         if problem is not None:
             report.add(problem[0], name, f"Rejected upload {name!r}: {problem[1]}.", "error")
             report.skipped += 1
             continue
-        parts = tuple(x for x in name.replace("\\", "/").split("/") if x not in ("", "."))
+        parts = source_parts(name)
         if not parts:
             continue
         if parts[-1].lower().endswith(".zip"):
@@ -690,22 +524,15 @@ def import_files(
             except DatasetError as e:
                 report.add("bad_zip", name, str(e), "error")
             continue
-        try:
-            size = p.stat().st_size
-        except OSError as e:
-            report.add("unreadable", name, f"Cannot read upload {name} ({e.strerror or e}); it was skipped.", "error")
-            report.skipped += 1
-            continue
-        entries.append(_Entry(parts, name, size, functools.partial(open, p, "rb")))
-    _import_entries(
+        entry = upload_entry(p, name, parts, report)
+        if entry is not None:
+            entries.append(entry)
+    _ImportRun(
         workspace,
-        entries,
         root_name="",
         default_concept=concept,
         default_repeats=repeats or 1,
         limits=limits,
         report=report,
-    )
-    if not report.imported and not report.problems_with("already_present"):
-        raise _no_images_error("the uploaded files", report)
-    return report
+    ).run(entries)
+    return _check_imported(report, "the uploaded files")

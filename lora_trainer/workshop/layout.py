@@ -16,6 +16,10 @@
 
 Nothing is ever deleted for good: files the workshop takes out of the dataset are moved under
 ``.workshop/`` with their captions.
+
+Which folders are concept folders, which files are images and captions, what is hidden and the
+name of ``.workshop/`` are the dataset rules of :mod:`lora_trainer.data.layout`, the ones training
+applies; this module only says where the workshop keeps things.
 """
 
 from __future__ import annotations
@@ -23,47 +27,61 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
+from lora_trainer.data.layout import (
+    CAPTION_EXTENSION,
+    WORKSHOP_STATE_DIR,
+    is_hidden_entry,
+    is_hidden_name,
+    is_workshop_image,
+    parse_subset_folder,
+)
 from lora_trainer.errors import DatasetError
-from lora_trainer.workshop.fsutil import CAPTION_EXT, is_hidden_name, unique_stem
-from lora_trainer.workshop.importer import SOURCE_IMAGE_EXTENSIONS, parse_concept_folder
+from lora_trainer.workshop.fsutil import safe_name, unique_stem
 
 __all__ = [
-    "STATE_DIR",
     "caption_path",
+    "concept_folder_name",
     "concept_folders",
-    "is_image_name",
     "iter_images",
     "move_aside",
     "rel_path",
     "resolve_image",
     "state_dir",
+    "whole_repeats",
 ]
-
-STATE_DIR = ".workshop"
 
 
 def state_dir(root: Path, *sub: str) -> Path:
-    return root.joinpath(STATE_DIR, *sub)
-
-
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in SOURCE_IMAGE_EXTENSIONS
+    return root.joinpath(WORKSHOP_STATE_DIR, *sub)
 
 
 def caption_path(image: Path) -> Path:
     """The ``.txt`` caption file of ``image``."""
-    return image.with_suffix(CAPTION_EXT)
+    return image.with_suffix(CAPTION_EXTENSION)
+
+
+def whole_repeats(repeats: int) -> int:
+    """``repeats`` as an int; :class:`DatasetError` unless it is a whole number of at least 1."""
+    if int(repeats) != repeats or repeats < 1:
+        raise DatasetError(f"Repeats must be a whole number of at least 1, got {repeats!r}.")
+    return int(repeats)
+
+
+def concept_folder_name(repeats: int, concept: str) -> str:
+    """``<repeats>_<concept>`` with the concept made a safe folder name (``images`` if empty)."""
+    return f"{whole_repeats(repeats)}_{safe_name(concept, 'images')}"
 
 
 def concept_folders(root: Path) -> list[tuple[Path, int, str]]:
-    """(folder, repeats, concept) of the workspace's ``<N>_<concept>`` folders, by name."""
+    """(folder, repeats, concept) of the workspace's concept folders, by name: the folders
+    training uses as subsets (:func:`lora_trainer.data.layout.parse_subset_folder`)."""
     out = []
     if not root.is_dir():
         return out
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if is_hidden_name(entry.name) or not entry.is_dir():
+        if is_hidden_entry(entry) or not entry.is_dir():
             continue
-        parsed = parse_concept_folder(entry.name)
+        parsed = parse_subset_folder(entry.name)
         if parsed is not None:
             out.append((Path(entry.path), parsed[0], parsed[1]))
     return out
@@ -81,11 +99,11 @@ def iter_images(root: Path) -> list[Path]:
             except OSError:
                 continue
             for entry in entries:
-                if is_hidden_name(entry.name):
+                if is_hidden_entry(entry):
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(Path(entry.path))
-                elif is_image_name(entry.name):
+                elif is_workshop_image(entry.name):
                     out.append(Path(entry.path))
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
@@ -104,7 +122,7 @@ def resolve_image(root: Path, rel: str) -> Path:
     if is_hidden_name(pure.parts[0]):
         raise DatasetError(f"{rel!r} is not an image of this workspace (use the ids that images() returns).")
     path = root.joinpath(*pure.parts)
-    if not is_image_name(path.name) or not path.is_file():
+    if not is_workshop_image(path.name) or not path.is_file():
         raise DatasetError(f"No image {rel!r} in workspace {root}; reload the image list.")
     return path
 
@@ -121,5 +139,5 @@ def move_aside(root: Path, image: Path, area: str) -> str:
     os.replace(image, dest)
     cap = caption_path(image)
     if cap.exists():
-        os.replace(cap, dest.with_suffix(CAPTION_EXT))
+        os.replace(cap, dest.with_suffix(CAPTION_EXTENSION))
     return dest.relative_to(root).as_posix()

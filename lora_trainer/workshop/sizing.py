@@ -31,13 +31,13 @@ from PIL import Image
 
 from lora_trainer.data.buckets import BucketSettings, cover_size, plan_buckets
 from lora_trainer.data.images import DEFAULT_MAX_PIXELS, load_image_rgb
+from lora_trainer.data.layout import is_workshop_image
 from lora_trainer.errors import ConfigError, DatasetError
+from lora_trainer.files.atomic_write import atomic_write_bytes
 from lora_trainer.workshop.cleaning import probe
 from lora_trainer.workshop.dedupe import HashCache
-from lora_trainer.workshop.fsutil import atomic_write_bytes
 from lora_trainer.workshop.layout import (
     concept_folders,
-    is_image_name,
     iter_images,
     rel_path,
     state_dir,
@@ -213,9 +213,67 @@ def _find_original(root: Path, image: Path) -> Path | None:
     if not folder.is_dir():
         return None
     for name in os.listdir(folder):
-        if os.path.splitext(name)[0] == image.stem and is_image_name(name):
+        if os.path.splitext(name)[0] == image.stem and is_workshop_image(name):
             return folder / name
     return None
+
+
+def _check_resize_args(width: int, height: int, crop: str) -> None:
+    for name, v in (("width", width), ("height", height)):
+        if int(v) != v or not 8 <= v <= 8192:
+            raise ConfigError(f"workshop.resize.{name}", f"must be a whole number from 8 to 8192, got {v!r}")
+    if crop not in CROP_MODES:
+        raise ConfigError("workshop.resize.crop", f"must be one of {', '.join(CROP_MODES)}, not {crop!r}")
+
+
+def _leave_as_is(rel: str, size: tuple[int, int], target: tuple[int, int], first: bool, upscale: bool, report: ResizeReport) -> bool:
+    """True (reported, skipped) when the image is not resized: already the size on a first
+    resize, or smaller than it with upscaling off."""
+    w, h = size
+    if first and (w, h) == target:
+        report.add("already_sized", rel, f"{rel} is already {w}x{h}; left as it is.", "info")
+    elif not upscale and (w < target[0] or h < target[1]):
+        report.add(
+            "too_small",
+            rel,
+            f"{rel} is {w}x{h}, smaller than {target[0]}x{target[1]}; left as it is (upscaling is off).",
+        )
+    else:
+        return False
+    report.skipped += 1
+    return True
+
+
+def _focus(
+    img: Image.Image, rel: str, crop: str, target: tuple[int, int], points: Mapping[str, tuple[float, float]], report: ResizeReport
+) -> tuple[float, float]:
+    """The crop's focal point (x, y in 0..1) for crop mode ``crop``."""
+    if crop == "focal":
+        return focal_point(img, target)
+    if crop != "point":
+        return (0.5, 0.5)
+    if rel in points:
+        fx, fy = points[rel]
+        return (min(max(float(fx), 0.0), 1.0), min(max(float(fy), 0.0), 1.0))
+    report.add("no_point", rel, f"No focal point given for {rel}; cropped at the centre.", "info")
+    return (0.5, 0.5)
+
+
+def _save_resized(root: Path, path: Path, original: Path | None, out: Image.Image) -> tuple[Path, Path]:
+    """Write ``out`` as the image's PNG; on a first resize, move the full-size image to
+    ``.workshop/originals/`` first. Returns (new image path, original path)."""
+    if original is None:  # first resize: keep the full-size image
+        dest_dir = state_dir(root, "originals", *path.relative_to(root).parent.parts)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        original = dest_dir / path.name
+        os.replace(path, original)
+    buf = io.BytesIO()
+    out.save(buf, "PNG", compress_level=4)
+    new_path = path.with_suffix(".png")
+    atomic_write_bytes(new_path, buf.getvalue(), durable=False)
+    if new_path != path and path.exists():
+        os.unlink(path)
+    return new_path, original
 
 
 def resize_fixed(
@@ -235,11 +293,7 @@ def resize_fixed(
     ``upscale=False`` leaves images smaller than the size (on either side) alone and reports them.
     Results are PNG (lossless), named like the image with a ``.png`` extension; captions stay.
     """
-    for name, v in (("width", width), ("height", height)):
-        if int(v) != v or not 8 <= v <= 8192:
-            raise ConfigError(f"workshop.resize.{name}", f"must be a whole number from 8 to 8192, got {v!r}")
-    if crop not in CROP_MODES:
-        raise ConfigError("workshop.resize.crop", f"must be one of {', '.join(CROP_MODES)}, not {crop!r}")
+    _check_resize_args(width, height, crop)
     target = (int(width), int(height))
     points = dict(points or {})
     report = ResizeReport(width=target[0], height=target[1], crop=crop)
@@ -255,29 +309,9 @@ def resize_fixed(
             report.skipped += 1
             continue
         w, h = img.size
-        if original is None and (w, h) == target:
-            report.add("already_sized", rel, f"{rel} is already {w}x{h}; left as it is.", "info")
-            report.skipped += 1
+        if _leave_as_is(rel, (w, h), target, original is None, upscale, report):
             continue
-        if not upscale and (w < target[0] or h < target[1]):
-            report.add(
-                "too_small",
-                rel,
-                f"{rel} is {w}x{h}, smaller than {target[0]}x{target[1]}; left as it is (upscaling is off).",
-            )
-            report.skipped += 1
-            continue
-        if crop == "focal":
-            focus = focal_point(img, target)
-        elif crop == "point":
-            if rel in points:
-                fx, fy = points[rel]
-                focus = (min(max(float(fx), 0.0), 1.0), min(max(float(fy), 0.0), 1.0))
-            else:
-                focus = (0.5, 0.5)
-                report.add("no_point", rel, f"No focal point given for {rel}; cropped at the centre.", "info")
-        else:
-            focus = (0.5, 0.5)
+        focus = _focus(img, rel, crop, target, points, report)
         resized = cover_size((w, h), target)
         box = crop_box(resized, target, focus)
         out = img.resize(resized, _LANCZOS) if resized != (w, h) else img
@@ -285,18 +319,7 @@ def resize_fixed(
         upscaled = resized[0] > w or resized[1] > h
         if upscaled:
             report.add("upscaled", rel, f"{rel} ({w}x{h}) was enlarged to fit {target[0]}x{target[1]}.", "info")
-
-        if original is None:  # first resize: keep the full-size image
-            dest_dir = state_dir(root, "originals", *path.relative_to(root).parent.parts)
-            dest_dir.mkdir(parents=True, exist_ok=True)
-            original = dest_dir / path.name
-            os.replace(path, original)
-        buf = io.BytesIO()
-        out.save(buf, "PNG", compress_level=4)
-        new_path = path.with_suffix(".png")
-        atomic_write_bytes(new_path, buf.getvalue(), durable=False)
-        if new_path != path and path.exists():
-            os.unlink(path)
+        new_path, original = _save_resized(root, path, original, out)
         report.resized.append(
             ResizedImage(
                 rel_path(root, new_path),

@@ -15,9 +15,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_trainer.data.captions import split_tags
+from lora_trainer.data.captions import decode_caption_bytes, split_tags
 from lora_trainer.errors import DatasetError
-from lora_trainer.workshop.fsutil import atomic_write_json, atomic_write_text, caption_text, decode_caption_bytes
+from lora_trainer.workshop.fsutil import atomic_write_json, atomic_write_text, caption_text
 from lora_trainer.workshop.layout import caption_path, rel_path, resolve_image, state_dir
 from lora_trainer.workshop.report import Report
 
@@ -71,7 +71,7 @@ def read_caption(image: Path) -> str | None:
     except OSError as e:
         raise DatasetError(f"Cannot read caption {path} ({e.strerror or e}). Check its permissions.") from None
     text, _ = decode_caption_bytes(data)
-    return caption_text(text)[0]
+    return caption_text(text or "")[0]
 
 
 def clean_caption_text(text: str) -> str:

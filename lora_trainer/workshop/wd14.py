@@ -25,6 +25,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -161,7 +162,7 @@ class WD14Captioner:
         self.character_threshold = float(character_threshold)
         self.allow_download = allow_download
         self.providers = list(providers) if providers is not None else None
-        self._session = session
+        self._session: Any = session  # an onnxruntime.InferenceSession (or a stand-in with its API)
         self._tags = tags
 
     # -- loading
@@ -185,11 +186,11 @@ class WD14Captioner:
                 "Downloading the WD14 model needs the huggingface_hub package (pip install huggingface_hub). "
                 + _missing_files_help(self.repo_id, self.model_dir)
             ) from None
-        kwargs = {"local_dir": str(self.model_dir)} if self.model_dir is not None else {}
+        kwargs: dict[str, Any] = {"local_dir": str(self.model_dir)} if self.model_dir is not None else {}
         try:
             model = hf_hub_download(self.repo_id, MODEL_FILE, **kwargs)
             tags = hf_hub_download(self.repo_id, TAGS_FILE, **kwargs)
-        except Exception as e:  # offline, unknown repo, disk full ...: all mean "no model"
+        except Exception as e:  # noqa: BLE001 - offline, unknown repo, disk full ...: all mean "no model"
             raise CaptionerUnavailable(
                 f"Could not download the WD14 model {self.repo_id} ({type(e).__name__}: {e}). "
                 + _missing_files_help(self.repo_id, self.model_dir)
@@ -217,7 +218,7 @@ class WD14Captioner:
                 providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
             try:
                 self._session = ort.InferenceSession(str(files[0]), providers=providers or None)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own assorted errors: all mean "no model"
                 raise CaptionerUnavailable(
                     f"onnxruntime could not load {files[0]} ({e}). The file may be damaged: delete it and download it again."
                 ) from None
@@ -239,6 +240,7 @@ class WD14Captioner:
         inp = self._session.get_inputs()[0]
         batch = preprocess(image, self.input_size)
         outputs = self._session.run(None, {inp.name: batch})
+        assert self._tags is not None  # load() sets them or raises
         return postprocess_probs(outputs[0][0], self._tags, self.general_threshold, self.character_threshold)
 
     def caption(self, image: Image.Image) -> list[tuple[str, float]]:

@@ -17,20 +17,26 @@ Typical use::
     ws.bulk_remove(["blue eyes"])                    # ws.undo() reverts it
     ws.advise(epochs=10, batch_size=2)
 
-Not thread-safe: run one operation at a time per workspace (the WebUI's queue does).
+One operation at a time per workspace: the methods themselves take no lock, so a caller that
+runs them from several threads (the WebUI's queue runs events concurrently) holds
+:meth:`Workspace.busy` around each; a second ``busy`` on the same folder, from any
+``Workspace`` object or thread, is refused with a ``DatasetError`` saying what runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_trainer.data.buckets import BucketSettings
 from lora_trainer.data.images import DEFAULT_MAX_PIXELS
+from lora_trainer.data.layout import WORKSHOP_STATE_DIR, is_workshop_image, parse_subset_folder
 from lora_trainer.errors import DatasetError
 from lora_trainer.workshop import advisor, importer, sizing
 from lora_trainer.workshop import tags as tag_editor
@@ -38,14 +44,36 @@ from lora_trainer.workshop.captioning import Captioner, CaptionOptions, CaptionR
 from lora_trainer.workshop.cleaning import CleanReport, clean_workspace
 from lora_trainer.workshop.dedupe import DEFAULT_COLOR_TOLERANCE, DEFAULT_THRESHOLD, DuplicateReport, find_duplicates
 from lora_trainer.workshop.fsutil import atomic_write_json, safe_name
-from lora_trainer.workshop.importer import ImportLimits, ImportReport, concept_folder_name, parse_concept_folder
-from lora_trainer.workshop.layout import STATE_DIR, caption_path, concept_folders, is_image_name, iter_images, state_dir
+from lora_trainer.workshop.import_sources import ImportLimits
+from lora_trainer.workshop.importer import ImportReport
+from lora_trainer.workshop.layout import (
+    caption_path,
+    concept_folder_name,
+    concept_folders,
+    iter_images,
+    state_dir,
+    whole_repeats,
+)
 from lora_trainer.workshop.report import Report
 from lora_trainer.workshop.store import UndoReport, undo_info, undo_last
 
 __all__ = ["ConceptInfo", "Workspace", "WorkspaceSummary"]
 
 _STATE_VERSION = 1
+
+
+@dataclass
+class _Operation:
+    """What holds a workspace (see :meth:`Workspace.busy`) and its stop request."""
+
+    what: str
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+# The operations under way, by the workspace's resolved path (so every Workspace object of one
+# folder shares them); an entry exists only while its operation runs.
+_OPERATIONS: dict[Path, _Operation] = {}
+_OPERATIONS_LOCK = threading.Lock()
 
 
 @dataclass
@@ -117,7 +145,7 @@ class Workspace:
         root = Path(workspaces_root)
         if not root.is_dir():
             return []
-        return sorted(p.name for p in root.iterdir() if (p / STATE_DIR / "state.json").is_file())
+        return sorted(p.name for p in root.iterdir() if (p / WORKSHOP_STATE_DIR / "state.json").is_file())
 
     @property
     def name(self) -> str:
@@ -127,6 +155,42 @@ class Workspace:
     def train_data_dir(self) -> str:
         """The folder to give training (kohya's ``train_data_dir``)."""
         return str(self.path)
+
+    # -- one operation at a time
+
+    @contextlib.contextmanager
+    def busy(self, what: str) -> Iterator[threading.Event]:
+        """Hold this workspace for one operation, described by ``what`` ("captioning with WD14").
+
+        Raises ``DatasetError`` when another operation holds it. Yields the operation's stop
+        event, set by :meth:`request_stop` (pass its ``is_set`` as a long run's ``should_stop``).
+        """
+        key, op = self.path.resolve(), _Operation(what)
+        with _OPERATIONS_LOCK:
+            running = _OPERATIONS.setdefault(key, op)
+        if running is not op:
+            raise DatasetError(f"Workspace {self.name} is busy ({running.what}); try again when it has finished.")
+        try:
+            yield op.stop
+        finally:
+            with _OPERATIONS_LOCK:
+                _OPERATIONS.pop(key, None)
+
+    def running(self) -> str | None:
+        """What holds this workspace now (the ``what`` given to :meth:`busy`), None when nothing does."""
+        with _OPERATIONS_LOCK:
+            op = _OPERATIONS.get(self.path.resolve())
+        return op.what if op is not None else None
+
+    def request_stop(self, what_prefix: str = "") -> bool:
+        """Ask the operation holding this workspace to stop, when its ``what`` starts with
+        ``what_prefix``; False when there is no such operation."""
+        with _OPERATIONS_LOCK:
+            op = _OPERATIONS.get(self.path.resolve())
+            if op is None or not op.what.startswith(what_prefix):
+                return False
+            op.stop.set()
+            return True
 
     @property
     def _state_file(self) -> Path:
@@ -162,7 +226,7 @@ class Workspace:
         s.undo = undo_info(self.path)
         s.imports = list(self._state().get("imports", []))
         q = state_dir(self.path, "quarantine")
-        s.quarantined = sum(1 for _, _, files in os.walk(q) for f in files if is_image_name(f)) if q.is_dir() else 0
+        s.quarantined = sum(1 for _, _, files in os.walk(q) for f in files if is_workshop_image(f)) if q.is_dir() else 0
         return s
 
     # -- import
@@ -213,11 +277,12 @@ class Workspace:
 
     def set_repeats(self, folder: str, repeats: int) -> str:
         """Rename concept folder ``folder`` to ``<repeats>_<concept>``; returns the new folder name."""
-        parsed = parse_concept_folder(folder) if "/" not in folder and "\\" not in folder else None
+        parsed = parse_subset_folder(folder) if "/" not in folder and "\\" not in folder else None
         src = self.path / folder
         if parsed is None or not src.is_dir():
             raise DatasetError(f"No concept folder {folder!r} in workspace {self.name}.")
-        new = concept_folder_name(repeats, parsed[1])
+        # a "<N>_" folder has no concept (no class tokens for training): it stays without one
+        new = concept_folder_name(repeats, parsed[1]) if parsed[1] else f"{whole_repeats(repeats)}_"
         if new == folder:
             return folder
         if (self.path / new).exists():

@@ -16,14 +16,17 @@ import json
 import os
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from safetensors import safe_open
 
-from .errors import LoraFileError
-from .io import file_data_sha256, read_safetensors_header, require_lora_keys
+from lora_trainer.errors import LoraFileError
+from lora_trainer.files.hashes import file_data_sha256
+from lora_trainer.files.lora_file import require_lora_keys
+from lora_trainer.files.safetensors_format import read_safetensors_header
 
 __all__ = ["NETWORK_TYPES", "SHARED_PARTS", "NetworkType", "detect_family", "format_report", "inspect_lora"]
 
@@ -237,8 +240,8 @@ def _kohya_names(family: str) -> tuple[set[str] | None, str | None]:
     if not callable(kohya_names):
         return None, "lora_trainer.naming has no kohya_names()"
     try:
-        return set(kohya_names(family, conv=True)), None
-    except Exception as e:  # a checker must not break inspection
+        return set(cast("Iterable[str]", kohya_names(family, conv=True))), None
+    except Exception as e:  # noqa: BLE001 - a checker must not break inspection
         return None, f"kohya_names({family!r}) failed: {e}"
 
 
@@ -247,7 +250,7 @@ def _read_alphas(path: Path, modules: list[_Module]) -> None:
     if not wanted:
         return
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # pyright: ignore[reportGeneralTypeIssues] - stub lacks __enter__
             for m in wanted:
                 value = f.get_tensor(f"{m.name}.alpha")
                 if value.numel() == 1:
@@ -258,7 +261,9 @@ def _read_alphas(path: Path, modules: list[_Module]) -> None:
 
 def _rank_alpha_table(modules: list[_Module]) -> dict[str, Any]:
     groups: dict[str, Any] = {}
-    for group in sorted({m.group for m in modules}, key=lambda g: ("te", "te1", "te2", "unet").index(g)):
+    # every module has a group: _group_modules places only names with a known prefix
+    placed = {m.group for m in modules if m.group is not None}
+    for group in sorted(placed, key=lambda g: ("te", "te1", "te2", "unet").index(g)):
         members = [m for m in modules if m.group == group]
         classes: dict[str, Counter] = defaultdict(Counter)
         for m in members:
@@ -442,6 +447,20 @@ def _num(value: float | None) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     """A short human-readable rendering of :func:`inspect_lora`'s dict."""
+    lines = _summary_lines(report)
+    lines.append("")
+    lines += _rank_alpha_lines(report)
+    lines.append("")
+    lines += _key_lines(report)
+    lines += _metadata_lines(report)
+    lines += _hash_lines(report["hashes"])
+    for warning in report["warnings"]:
+        lines.append(f"warning   {warning}")
+    return "\n".join(lines)
+
+
+def _summary_lines(report: dict[str, Any]) -> list[str]:
+    """file, family and network lines."""
     lines: list[str] = []
     dtypes = ", ".join(
         f"{_DTYPE_NAMES.get(d, d)}" + (f" x{n}" if len(report["dtypes"]) > 1 else "")
@@ -458,16 +477,23 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"network   {report['network_type']}: {report['module_count']} modules ({types}; {kinds})")
     if report["dora_modules"]:
         lines.append(f"          {report['dora_modules']} modules carry dora_scale")
+    return lines
 
-    lines.append("")
-    lines.append(f"  {'group':<6} {'layers':<7} {'rank':>5} {'alpha':>7} {'modules':>8}")
+
+def _rank_alpha_lines(report: dict[str, Any]) -> list[str]:
+    """The group / layers / rank / alpha / modules table."""
+    lines = [f"  {'group':<6} {'layers':<7} {'rank':>5} {'alpha':>7} {'modules':>8}"]
     for group, info in report["groups"].items():
         for cls in ("linear", "conv", "?"):
             for row in info.get(cls, []):
                 rank = "-" if row["rank"] is None else str(row["rank"])
                 lines.append(f"  {group:<6} {cls:<7} {rank:>5} {_num(row['alpha']):>7} {row['count']:>8}")
-    lines.append("")
+    return lines
 
+
+def _key_lines(report: dict[str, Any]) -> list[str]:
+    """Keys that cannot be placed, and the kohya module-name check."""
+    lines: list[str] = []
     if report["unplaced_key_count"]:
         shown = ", ".join(report["unplaced_keys"][:5])
         more = report["unplaced_key_count"] - min(5, len(report["unplaced_keys"]))
@@ -481,40 +507,50 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(
                 f"kohya     all {report['module_count']} modules are kohya targets ({check['kohya_modules']} possible)"
             )
+    return lines
 
+
+def _metadata_lines(report: dict[str, Any]) -> list[str]:
     md = report["metadata"]
     if report["metadata_key_count"] == 0:
-        lines.append("metadata  none")
-    else:
-        parts = []
-        for label, key in (
-            ("name", "output_name"),
-            ("base", "base_model_version"),
-            ("model", "sd_model_name"),
-            ("resolution", "resolution"),
-            ("clip skip", "clip_skip"),
-            ("images", "num_train_images"),
-        ):
-            if md.get(key) not in (None, "None"):
-                parts.append(f"{label} {md[key]}")
-        if "network_dim" in md:
-            parts.append(f"dim/alpha {md['network_dim']}/{md.get('network_alpha', '?')}")
-        if md.get("network_args"):
-            parts.append(f"args {md['network_args']}")
-        if "steps" in md:
-            parts.append(f"steps {md['steps']}" + (f"/{md['max_train_steps']}" if "max_train_steps" in md else ""))
-        if "epoch" in md:
-            parts.append(f"epoch {md['epoch']}" + (f"/{md['num_epochs']}" if "num_epochs" in md else ""))
-        if md.get("stopped_early") == "True":
-            parts.append("stopped early")
-        lines.append(f"metadata  {report['metadata_key_count']} keys; " + "; ".join(parts))
-        if md.get("training_comment") not in (None, "None", ""):
-            lines.append(f"comment   {md['training_comment']}")
-        if "tag_count" in md:
-            top = ", ".join(f"{t} ({n})" for t, n in md["top_tags"])
-            lines.append(f"tags      {md['tag_count']} distinct" + (f"; top: {top}" if top else ""))
+        return ["metadata  none"]
+    lines = [f"metadata  {report['metadata_key_count']} keys; " + "; ".join(_metadata_parts(md))]
+    if md.get("training_comment") not in (None, "None", ""):
+        lines.append(f"comment   {md['training_comment']}")
+    if "tag_count" in md:
+        top = ", ".join(f"{t} ({n})" for t, n in md["top_tags"])
+        lines.append(f"tags      {md['tag_count']} distinct" + (f"; top: {top}" if top else ""))
+    return lines
 
-    h = report["hashes"]
+
+def _metadata_parts(md: dict[str, Any]) -> list[str]:
+    """The ``label value`` pieces of the metadata line."""
+    parts = []
+    for label, key in (
+        ("name", "output_name"),
+        ("base", "base_model_version"),
+        ("model", "sd_model_name"),
+        ("resolution", "resolution"),
+        ("clip skip", "clip_skip"),
+        ("images", "num_train_images"),
+    ):
+        if md.get(key) not in (None, "None"):
+            parts.append(f"{label} {md[key]}")
+    if "network_dim" in md:
+        parts.append(f"dim/alpha {md['network_dim']}/{md.get('network_alpha', '?')}")
+    if md.get("network_args"):
+        parts.append(f"args {md['network_args']}")
+    if "steps" in md:
+        parts.append(f"steps {md['steps']}" + (f"/{md['max_train_steps']}" if "max_train_steps" in md else ""))
+    if "epoch" in md:
+        parts.append(f"epoch {md['epoch']}" + (f"/{md['num_epochs']}" if "num_epochs" in md else ""))
+    if md.get("stopped_early") == "True":
+        parts.append("stopped early")
+    return parts
+
+
+def _hash_lines(h: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if h["sshs_model_hash"] is None:
         lines.append(f"hash      no sshs_model_hash; data sha256 {h['data_sha256']}")
     elif h["model_hash_matches"]:
@@ -523,6 +559,4 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"hash      sshs_model_hash {h['sshs_model_hash']} DOES NOT match the data ({h['data_sha256']})")
     if h["sshs_legacy_hash"] is not None:
         lines.append(f"          sshs_legacy_hash {h['sshs_legacy_hash']} (not checkable from the file)")
-    for warning in report["warnings"]:
-        lines.append(f"warning   {warning}")
-    return "\n".join(lines)
+    return lines

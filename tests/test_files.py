@@ -1,4 +1,4 @@
-"""lora_trainer.io: kohya metadata, sshs hashes, atomic LoRA save/load, resume state without pickle."""
+"""lora_trainer.files: kohya metadata, sshs hashes, atomic LoRA save/load, resume state without pickle."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from lora_trainer import io as lio
 from lora_trainer.errors import ConfigError, LoraFileError
+from lora_trainer.files import atomic_write, hashes, kohya_metadata, lora_file, resume_state
 
 DATA = Path(__file__).parent / "data"
 META_REF = json.loads((DATA / "metadata_keys.json").read_text())
@@ -62,10 +62,10 @@ def listing(directory: Path) -> dict[str, bytes]:
 def test_tiny_worked_example():
     example = WORKED["tiny"]
     raw = bytes.fromhex(example["bytes_hex"])
-    assert lio.hashes_from_bytes(raw) == (example["kohya_addnet_hash_safetensors"], example["kohya_addnet_hash_legacy"])
+    assert hashes.hashes_from_bytes(raw) == (example["kohya_addnet_hash_safetensors"], example["kohya_addnet_hash_legacy"])
     # the example is what safetensors writes for {"a": [1., 2.]} without metadata
     assert safetensors.torch.save({"a": torch.tensor([1.0, 2.0])}) == raw
-    assert lio.compute_hashes({"a": torch.tensor([1.0, 2.0])}, {}) == (
+    assert hashes.compute_hashes({"a": torch.tensor([1.0, 2.0])}, {}) == (
         "b9c80b5adeca450753a16950c3cc655d271f7bef7a485bc83f112b72fef21d37",
         "e3b0c442",
     )
@@ -80,17 +80,17 @@ def test_precalc_worked_example():
     metadata = dict(example["metadata"])
     ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
     assert len(safetensors.torch.save(tensors, ss_only)) == example["serialized_len"]
-    assert list(lio.compute_hashes(tensors, metadata)) == example["kohya"]
+    assert list(hashes.compute_hashes(tensors, metadata)) == example["kohya"]
     # modelspec.* and sshs_* never enter the hashes
     metadata["modelspec.title"] = "something else entirely, and much longer than before " * 10
     metadata["sshs_model_hash"] = "0" * 64
-    assert list(lio.compute_hashes(tensors, metadata)) == example["kohya"]
+    assert list(hashes.compute_hashes(tensors, metadata)) == example["kohya"]
 
 
 def test_legacy_hash_depends_on_ss_metadata_but_model_hash_does_not():
     tensors = big_lora()
-    base = lio.compute_hashes(tensors, {"ss_a": "1"})
-    longer = lio.compute_hashes(tensors, {"ss_a": "1", "ss_b": "x" * 100})
+    base = hashes.compute_hashes(tensors, {"ss_a": "1"})
+    longer = hashes.compute_hashes(tensors, {"ss_a": "1", "ss_b": "x" * 100})
     assert base[0] == longer[0]
     assert base[1] != longer[1]
     assert base[1] != "e3b0c442"
@@ -99,7 +99,7 @@ def test_legacy_hash_depends_on_ss_metadata_but_model_hash_does_not():
 # ------------------------------------------------------------------ metadata
 
 
-def full_info(**overrides) -> lio.TrainingInfo:
+def full_info(**overrides) -> kohya_metadata.TrainingInfo:
     values = {
         "family": "sd1",
         "output_name": "my_lora",
@@ -142,11 +142,11 @@ def full_info(**overrides) -> lio.TrainingInfo:
         "tags": ["a", "b"],
     }
     values.update(overrides)
-    return lio.TrainingInfo(**values)
+    return kohya_metadata.TrainingInfo(**values)
 
 
 def test_build_metadata_writes_kohyas_keys_as_strings():
-    meta = lio.build_metadata(full_info())
+    meta = kohya_metadata.build_metadata(full_info())
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
     ss = {k for k in meta if k.startswith("ss_")}
     # every kohya key we have a value for; ss_datasets belongs to kohya's --dataset_config branch
@@ -183,7 +183,7 @@ def test_build_metadata_writes_kohyas_keys_as_strings():
 
 
 def test_build_metadata_defaults_follow_kohya():
-    meta = lio.build_metadata(lio.TrainingInfo(family="sd1", output_name="x", max_token_length=75))
+    meta = kohya_metadata.build_metadata(kohya_metadata.TrainingInfo(family="sd1", output_name="x", max_token_length=75))
     assert "ss_network_args" not in meta  # kohya writes it only with --network_args
     for key in ("ss_sd_model_hash", "ss_new_sd_model_hash", "ss_sd_model_name", "ss_vae_name", "ss_vae_hash"):
         assert key not in meta
@@ -196,7 +196,7 @@ def test_build_metadata_defaults_follow_kohya():
 
 
 def test_build_metadata_minimal_is_kohyas_no_metadata_set():
-    meta = lio.build_metadata(full_info(), minimal=True)
+    meta = kohya_metadata.build_metadata(full_info(), minimal=True)
     ss = {k for k in meta if k.startswith("ss_")}
     assert ss == set(META_REF["minimum_keys_with_no_metadata"])
     assert any(k.startswith("modelspec.") for k in meta)
@@ -213,13 +213,13 @@ def test_build_metadata_minimal_is_kohyas_no_metadata_set():
     ],
 )
 def test_family_markers_and_modelspec(family, v_pred, version, v2, example):
-    meta = lio.build_metadata(lio.TrainingInfo(family=family, output_name="my_lora", v_prediction=v_pred))
+    meta = kohya_metadata.build_metadata(kohya_metadata.TrainingInfo(family=family, output_name="my_lora", v_prediction=v_pred))
     assert meta["ss_base_model_version"] == version
     assert meta["ss_v2"] == v2
     assert meta["modelspec.prediction_type"] == ("v" if v_pred else "epsilon")
     if example:
         expected = dict(META_REF["modelspec_keys"]["examples"][example])
-        expected["modelspec.implementation_version"] = lio.IMPLEMENTATION_VERSION
+        expected["modelspec.implementation_version"] = kohya_metadata.IMPLEMENTATION_VERSION
         got = {k: v for k, v in meta.items() if k.startswith("modelspec.") and k != "modelspec.date"}
         assert got == expected
     if family == "sd2" and not v_pred:
@@ -229,15 +229,15 @@ def test_family_markers_and_modelspec(family, v_pred, version, v2, example):
 
 def test_unknown_family_is_a_config_error():
     with pytest.raises(ConfigError):
-        lio.build_metadata(lio.TrainingInfo(family="sd3", output_name="x"))
+        kohya_metadata.build_metadata(kohya_metadata.TrainingInfo(family="sd3", output_name="x"))
 
 
 def test_optimizer_string():
-    assert lio.optimizer_string(torch.optim.AdamW) == "torch.optim.adamw.AdamW"
-    assert lio.optimizer_string(torch.optim.AdamW, {"weight_decay": 0.1}) == "torch.optim.adamw.AdamW(weight_decay=0.1)"
+    assert kohya_metadata.optimizer_string(torch.optim.AdamW) == "torch.optim.adamw.AdamW"
+    assert kohya_metadata.optimizer_string(torch.optim.AdamW, {"weight_decay": 0.1}) == "torch.optim.adamw.AdamW(weight_decay=0.1)"
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     assert (
-        lio.optimizer_string(opt, ["momentum=0.9", "nesterov=True"])
+        kohya_metadata.optimizer_string(opt, ["momentum=0.9", "nesterov=True"])
         == "torch.optim.sgd.SGD(momentum=0.9,nesterov=True)"
     )
 
@@ -257,10 +257,10 @@ def test_optimizer_string():
 )
 def test_save_load_round_trip(tmp_path, dtype, expected):
     sd = small_lora()
-    meta = lio.build_metadata(full_info())
-    path = lio.save_lora(tmp_path / "out.safetensors", sd, meta, dtype=dtype)
+    meta = kohya_metadata.build_metadata(full_info())
+    path = lora_file.save_lora(tmp_path / "out.safetensors", sd, meta, dtype=dtype)
     assert path == tmp_path / "out.safetensors"
-    loaded, loaded_meta = lio.load_lora(path)
+    loaded, loaded_meta = lora_file.load_lora(path)
     assert set(loaded) == set(sd)
     for key, value in sd.items():
         assert loaded[key].dtype == expected, key
@@ -270,45 +270,45 @@ def test_save_load_round_trip(tmp_path, dtype, expected):
     assert alpha.dim() == 0 and alpha.dtype == expected and alpha.item() == 1.0
     assert {k: v for k, v in loaded_meta.items() if not k.startswith("sshs_")} == meta
     cast = {k: v.to(expected) for k, v in sd.items()}
-    assert (loaded_meta["sshs_model_hash"], loaded_meta["sshs_legacy_hash"]) == lio.compute_hashes(cast, meta)
-    assert loaded_meta["sshs_model_hash"] == lio.file_data_sha256(path)
+    assert (loaded_meta["sshs_model_hash"], loaded_meta["sshs_legacy_hash"]) == hashes.compute_hashes(cast, meta)
+    assert loaded_meta["sshs_model_hash"] == hashes.file_data_sha256(path)
     assert list(tmp_path.iterdir()) == [path]
 
 
 def test_saved_hashes_match_kohya_definition_for_big_file(tmp_path):
     sd = big_lora()
     meta = {"ss_network_dim": "4", "ss_network_alpha": "4.0", "modelspec.title": "t"}
-    path = lio.save_lora(tmp_path / "big.safetensors", sd, meta, dtype=torch.float32)
-    _, loaded_meta = lio.load_lora(path)
+    path = lora_file.save_lora(tmp_path / "big.safetensors", sd, meta, dtype=torch.float32)
+    _, loaded_meta = lora_file.load_lora(path)
     buffer = safetensors.torch.save(sd, {"ss_network_dim": "4", "ss_network_alpha": "4.0"})
-    assert loaded_meta["sshs_model_hash"] == lio.hashes_from_bytes(buffer)[0] == lio.file_data_sha256(path)
-    assert loaded_meta["sshs_legacy_hash"] == lio.hashes_from_bytes(buffer)[1] != "e3b0c442"
+    assert loaded_meta["sshs_model_hash"] == hashes.hashes_from_bytes(buffer)[0] == hashes.file_data_sha256(path)
+    assert loaded_meta["sshs_legacy_hash"] == hashes.hashes_from_bytes(buffer)[1] != "e3b0c442"
     # as the reference says: the legacy hash is not the one of the final file
-    assert loaded_meta["sshs_legacy_hash"] != lio.file_legacy_hash(path)
+    assert loaded_meta["sshs_legacy_hash"] != hashes.file_legacy_hash(path)
 
 
 def test_save_accepts_gpu_style_inputs(tmp_path):
     sd = {k: v.t() if v.dim() == 2 else v for k, v in small_lora().items()}  # non-contiguous views
     sd["lora_unet_y.lora_down.weight"] = torch.zeros(2, 3, requires_grad=True)
-    path = lio.save_lora(tmp_path / "a.safetensors", sd, {"ss_x": None, "ss_j": {"a": 1}})
-    loaded, meta = lio.load_lora(path)
+    path = lora_file.save_lora(tmp_path / "a.safetensors", sd, {"ss_x": None, "ss_j": {"a": 1}})
+    loaded, meta = lora_file.load_lora(path)
     assert meta["ss_x"] == "None" and json.loads(meta["ss_j"]) == {"a": 1}
     assert torch.equal(loaded["lora_unet_y.lora_down.weight"], torch.zeros(2, 3, dtype=torch.float16))
 
 
 def test_no_overwrite_picks_free_name(tmp_path):
     target = tmp_path / "my_lora.safetensors"
-    first = lio.save_lora(target, small_lora(), {"ss_output_name": "a"})
+    first = lora_file.save_lora(target, small_lora(), {"ss_output_name": "a"})
     original = first.read_bytes()
-    second = lio.save_lora(target, small_lora(), {"ss_output_name": "b"})
-    third = lio.save_lora(target, small_lora(), {"ss_output_name": "c"})
+    second = lora_file.save_lora(target, small_lora(), {"ss_output_name": "b"})
+    third = lora_file.save_lora(target, small_lora(), {"ss_output_name": "c"})
     assert (first, second, third) == (
         target,
         tmp_path / "my_lora_1.safetensors",
         tmp_path / "my_lora_2.safetensors",
     )
     assert target.read_bytes() == original
-    assert lio.load_lora(third)[1]["ss_output_name"] == "c"
+    assert lora_file.load_lora(third)[1]["ss_output_name"] == "c"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "my_lora.safetensors",
         "my_lora_1.safetensors",
@@ -318,9 +318,9 @@ def test_no_overwrite_picks_free_name(tmp_path):
 
 def test_overwrite_replaces(tmp_path):
     target = tmp_path / "my_lora.safetensors"
-    lio.save_lora(target, small_lora(), {"ss_output_name": "a"})
-    assert lio.save_lora(target, small_lora(), {"ss_output_name": "b"}, overwrite=True) == target
-    assert lio.load_lora(target)[1]["ss_output_name"] == "b"
+    lora_file.save_lora(target, small_lora(), {"ss_output_name": "a"})
+    assert lora_file.save_lora(target, small_lora(), {"ss_output_name": "b"}, overwrite=True) == target
+    assert lora_file.load_lora(target)[1]["ss_output_name"] == "b"
     assert [p.name for p in tmp_path.iterdir()] == ["my_lora.safetensors"]
 
 
@@ -328,30 +328,30 @@ def test_no_clobber_falls_back_without_hard_links(tmp_path, monkeypatch):
     def no_links(src, dst):
         raise PermissionError("hard links not supported here")
 
-    monkeypatch.setattr(lio.os, "link", no_links)
+    monkeypatch.setattr(atomic_write.os, "link", no_links)
     target = tmp_path / "x.safetensors"
-    lio.save_lora(target, small_lora(), {"ss_output_name": "a"})
-    assert lio.save_lora(target, small_lora(), {"ss_output_name": "b"}) == tmp_path / "x_1.safetensors"
-    assert lio.load_lora(target)[1]["ss_output_name"] == "a"
+    lora_file.save_lora(target, small_lora(), {"ss_output_name": "a"})
+    assert lora_file.save_lora(target, small_lora(), {"ss_output_name": "b"}) == tmp_path / "x_1.safetensors"
+    assert lora_file.load_lora(target)[1]["ss_output_name"] == "a"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors", "x_1.safetensors"]
 
 
 def test_free_path(tmp_path):
-    assert lio.free_path(tmp_path / "a.safetensors") == tmp_path / "a.safetensors"
+    assert atomic_write.free_path(tmp_path / "a.safetensors") == tmp_path / "a.safetensors"
     (tmp_path / "a.safetensors").write_bytes(b"")
     (tmp_path / "a_1.safetensors").write_bytes(b"")
-    assert lio.free_path(tmp_path / "a.safetensors") == tmp_path / "a_2.safetensors"
+    assert atomic_write.free_path(tmp_path / "a.safetensors") == tmp_path / "a_2.safetensors"
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
 @pytest.mark.parametrize("failure", ["mid_write", "fsync", "replace", "interrupt"])
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, overwrite, failure):
     target = tmp_path / "my_lora.safetensors"
-    lio.save_lora(target, small_lora(), {"ss_output_name": "old"})
+    lora_file.save_lora(target, small_lora(), {"ss_output_name": "old"})
     before = listing(tmp_path)
 
     if failure in ("mid_write", "interrupt"):
-        real = lio._write_temp
+        real = lora_file.write_temp
         error = KeyboardInterrupt if failure == "interrupt" else OSError("disk full")
 
         def breaking(directory, stem, chunks):
@@ -363,38 +363,38 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, overwrite, fai
 
             return real(directory, stem, gen())
 
-        monkeypatch.setattr(lio, "_write_temp", breaking)
+        monkeypatch.setattr(lora_file, "write_temp", breaking)
         expected = KeyboardInterrupt if failure == "interrupt" else OSError
     elif failure == "fsync":
 
         def bad_fsync(fd):
             raise OSError("I/O error")
 
-        monkeypatch.setattr(lio.os, "fsync", bad_fsync)
+        monkeypatch.setattr(atomic_write.os, "fsync", bad_fsync)
         expected = OSError
     else:
 
         def bad_move(src, dst):
             raise OSError("rename failed")
 
-        monkeypatch.setattr(lio.os, "replace", bad_move)
-        monkeypatch.setattr(lio.os, "link", bad_move)
+        monkeypatch.setattr(atomic_write.os, "replace", bad_move)
+        monkeypatch.setattr(atomic_write.os, "link", bad_move)
         expected = OSError
 
     with pytest.raises(expected):
-        lio.save_lora(target, small_lora(), {"ss_output_name": "new"}, overwrite=overwrite)
+        lora_file.save_lora(target, small_lora(), {"ss_output_name": "new"}, overwrite=overwrite)
     assert listing(tmp_path) == before  # no temp file, no partial file, old file untouched
 
 
 def test_save_rejects_bad_arguments(tmp_path):
     with pytest.raises(ConfigError):
-        lio.save_lora(tmp_path / "a.safetensors", small_lora(), {}, dtype=torch.int8)
+        lora_file.save_lora(tmp_path / "a.safetensors", small_lora(), {}, dtype=torch.int8)
     with pytest.raises(ConfigError):
-        lio.save_lora(tmp_path / "a.safetensors", small_lora(), {}, dtype="fp8")
+        lora_file.save_lora(tmp_path / "a.safetensors", small_lora(), {}, dtype="fp8")
     with pytest.raises(LoraFileError, match="safetensors"):
-        lio.save_lora(tmp_path / "a.pt", small_lora(), {})
+        lora_file.save_lora(tmp_path / "a.pt", small_lora(), {})
     with pytest.raises(LoraFileError, match="empty"):
-        lio.save_lora(tmp_path / "a.safetensors", {}, {})
+        lora_file.save_lora(tmp_path / "a.safetensors", {}, {})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -403,7 +403,7 @@ def test_save_rejects_bad_arguments(tmp_path):
 
 @pytest.fixture
 def good_file(tmp_path) -> Path:
-    return lio.save_lora(tmp_path / "good.safetensors", small_lora(), {"ss_output_name": "x"})
+    return lora_file.save_lora(tmp_path / "good.safetensors", small_lora(), {"ss_output_name": "x"})
 
 
 def _rewrite_header(raw: bytes, change) -> bytes:
@@ -458,44 +458,44 @@ def test_damaged_files_raise_clear_errors(tmp_path, good_file, make, message):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(make(good_file.read_bytes()))
     with pytest.raises(LoraFileError, match=message) as info:
-        lio.load_lora(bad)
+        lora_file.load_lora(bad)
     assert "bad.safetensors" in str(info.value)
     assert "\n" not in str(info.value)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(LoraFileError, match="not found"):
-        lio.load_lora(tmp_path / "nope.safetensors")
+        lora_file.load_lora(tmp_path / "nope.safetensors")
 
 
 def test_pickles_are_refused(tmp_path):
     sd = small_lora()
     torch.save(sd, tmp_path / "lora.pt")
     with pytest.raises(LoraFileError, match=r"(?i)pickle.*convert it to \.safetensors"):
-        lio.load_lora(tmp_path / "lora.pt")
+        lora_file.load_lora(tmp_path / "lora.pt")
     torch.save(sd, tmp_path / "disguised.safetensors")  # zip-format torch.save under a wrong name
     with pytest.raises(LoraFileError, match="zip archive"):
-        lio.load_lora(tmp_path / "disguised.safetensors")
+        lora_file.load_lora(tmp_path / "disguised.safetensors")
     torch.save(sd, tmp_path / "legacy.safetensors", _use_new_zipfile_serialization=False)
     with pytest.raises(LoraFileError, match="pickle"):
-        lio.load_lora(tmp_path / "legacy.safetensors")
+        lora_file.load_lora(tmp_path / "legacy.safetensors")
 
 
 def test_non_lora_safetensors_is_refused(tmp_path):
     path = tmp_path / "model.safetensors"
     safetensors.torch.save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 4)}, str(path))
     with pytest.raises(LoraFileError, match="not a LoRA"):
-        lio.load_lora(path)
+        lora_file.load_lora(path)
     safetensors.torch.save_file({}, str(tmp_path / "empty.safetensors"))
     with pytest.raises(LoraFileError, match="no tensors"):
-        lio.load_lora(tmp_path / "empty.safetensors")
+        lora_file.load_lora(tmp_path / "empty.safetensors")
 
 
 def test_load_kohya_file_without_metadata(tmp_path):
     path = tmp_path / "k.safetensors"
     sd = small_lora(torch.float16)
     safetensors.torch.save_file(sd, str(path))
-    loaded, meta = lio.load_lora(path)
+    loaded, meta = lora_file.load_lora(path)
     assert meta == {}
     assert all(torch.equal(loaded[k], v) for k, v in sd.items())
 
@@ -560,13 +560,13 @@ def test_flatten_round_trip_optimizer_scheduler_rng(tmp_path):
         "model": model.state_dict(),
         "step": 3,
     }
-    tensors, skeleton = lio.flatten_tensors(state)
+    tensors, skeleton = resume_state.flatten_tensors(state)
     assert all(isinstance(t, torch.Tensor) for t in tensors.values())
     json.dumps(skeleton, allow_nan=False)  # plain JSON
-    assert_same(lio.unflatten_tensors(tensors, skeleton), state)
+    assert_same(resume_state.unflatten_tensors(tensors, skeleton), state)
 
-    lio.save_state(tmp_path / "resume", state, info={"epoch": 1})
-    restored, info = lio.load_state(tmp_path / "resume")
+    resume_state.save_state(tmp_path / "resume", state, info={"epoch": 1})
+    restored, info = resume_state.load_state(tmp_path / "resume")
     assert info == {"epoch": 1}
     assert_same(restored, state)
     assert isinstance(restored["optimizer"]["state"], dict) and 0 in restored["optimizer"]["state"]
@@ -610,8 +610,8 @@ def test_flatten_edge_cases():
         "types": (torch.float16, torch.device("cpu"), torch.Size([2, 3])),
         "looks_tagged": {"$tensor": "t0", "$tuple": [1]},
     }
-    tensors, skeleton = lio.flatten_tensors(state)
-    out = lio.unflatten_tensors(tensors, skeleton)
+    tensors, skeleton = resume_state.flatten_tensors(state)
+    out = resume_state.unflatten_tensors(tensors, skeleton)
     assert_same(out, state)
     assert out["tensors"][0] is out["tensors"][1]  # one tensor object stays one
     assert len(tensors) == 4 + 1  # shared stored once; the view separately; + the numpy array
@@ -619,63 +619,63 @@ def test_flatten_edge_cases():
 
 def test_flatten_refuses_what_would_need_pickle():
     with pytest.raises(TypeError, match="without pickle"):
-        lio.flatten_tensors({"a": [object()]})
+        resume_state.flatten_tensors({"a": [object()]})
     with pytest.raises(TypeError):
-        lio.flatten_tensors({"a": np.array([object()])})
+        resume_state.flatten_tensors({"a": np.array([object()])})
 
 
 def test_unflatten_rejects_bad_skeleton():
     with pytest.raises(ValueError, match="missing"):
-        lio.unflatten_tensors({}, {"$tensor": "t0"})
+        resume_state.unflatten_tensors({}, {"$tensor": "t0"})
     with pytest.raises(ValueError):
-        lio.unflatten_tensors({}, {"what": 1})
+        resume_state.unflatten_tensors({}, {"what": 1})
 
 
 def test_state_pair_is_committed_by_the_json(tmp_path, monkeypatch):
     directory = tmp_path / "state"
-    lio.save_state_dict_and_json(directory, {"a": torch.ones(3)}, {"step": 1})
-    real = lio.atomic_write_bytes
+    resume_state.save_state_dict_and_json(directory, {"a": torch.ones(3)}, {"step": 1})
+    real = resume_state.atomic_write_bytes
 
     def fail_on_json(path, chunks, *, overwrite=True):
         if str(path).endswith(".json"):
             raise OSError("disk full")
         return real(path, chunks, overwrite=overwrite)
 
-    monkeypatch.setattr(lio, "atomic_write_bytes", fail_on_json)
+    monkeypatch.setattr(resume_state, "atomic_write_bytes", fail_on_json)
     with pytest.raises(OSError):
-        lio.save_state_dict_and_json(directory, {"a": torch.zeros(3)}, {"step": 2})
+        resume_state.save_state_dict_and_json(directory, {"a": torch.zeros(3)}, {"step": 2})
     monkeypatch.undo()
-    tensors, info = lio.load_state_dict_and_json(directory)
+    tensors, info = resume_state.load_state_dict_and_json(directory)
     assert info == {"step": 1} and torch.equal(tensors["a"], torch.ones(3))
     assert len(list(directory.glob("state-*.safetensors"))) == 1  # the orphan was removed
 
-    lio.save_state_dict_and_json(directory, {"a": torch.zeros(3)}, {"step": 3})
-    tensors, info = lio.load_state_dict_and_json(directory)
+    resume_state.save_state_dict_and_json(directory, {"a": torch.zeros(3)}, {"step": 3})
+    tensors, info = resume_state.load_state_dict_and_json(directory)
     assert info == {"step": 3} and torch.equal(tensors["a"], torch.zeros(3))
     assert sorted(p.name for p in directory.iterdir() if not p.name.startswith("state-")) == ["state.json"]
     assert len(list(directory.glob("state-*.safetensors"))) == 1  # the old tensors file is gone
 
 
 def test_state_errors(tmp_path):
-    with pytest.raises(lio.StateFileError, match="no saved state"):
-        lio.load_state_dict_and_json(tmp_path)
-    lio.save_state_dict_and_json(tmp_path, {"a": torch.ones(1)}, {})
+    with pytest.raises(resume_state.StateFileError, match="no saved state"):
+        resume_state.load_state_dict_and_json(tmp_path)
+    resume_state.save_state_dict_and_json(tmp_path, {"a": torch.ones(1)}, {})
     (tmp_path / "state.json").write_text("{broken")
-    with pytest.raises(lio.StateFileError, match="damaged"):
-        lio.load_state_dict_and_json(tmp_path)
+    with pytest.raises(resume_state.StateFileError, match="damaged"):
+        resume_state.load_state_dict_and_json(tmp_path)
     # a tensors file from another save
-    lio.save_state_dict_and_json(tmp_path, {"a": torch.ones(1)}, {}, name="one")
-    lio.save_state_dict_and_json(tmp_path, {"a": torch.ones(1)}, {}, name="two")
+    resume_state.save_state_dict_and_json(tmp_path, {"a": torch.ones(1)}, {}, name="one")
+    resume_state.save_state_dict_and_json(tmp_path, {"a": torch.ones(1)}, {}, name="two")
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
     one["tensors_file"] = two["tensors_file"]
     (tmp_path / "one.json").write_text(json.dumps(one))
-    with pytest.raises(lio.StateFileError, match="different save"):
-        lio.load_state_dict_and_json(tmp_path, name="one")
+    with pytest.raises(resume_state.StateFileError, match="different save"):
+        resume_state.load_state_dict_and_json(tmp_path, name="one")
     # truncated tensors file
     tensors_file = tmp_path / two["tensors_file"]
     tensors_file.write_bytes(tensors_file.read_bytes()[:-2])
-    with pytest.raises(lio.StateFileError, match="truncated"):
-        lio.load_state_dict_and_json(tmp_path, name="two")
+    with pytest.raises(resume_state.StateFileError, match="truncated"):
+        resume_state.load_state_dict_and_json(tmp_path, name="two")
     with pytest.raises(TypeError, match="JSON"):
-        lio.save_state_dict_and_json(tmp_path, {}, {"x": object()})
+        resume_state.save_state_dict_and_json(tmp_path, {}, {"x": object()})

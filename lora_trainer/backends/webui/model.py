@@ -1,0 +1,336 @@
+"""The WebUI's loaded model (``shared.sd_model``: SD1, SD2, SDXL) as the trainer's model adapter.
+
+Owns: finding the loaded model without loading one, telling its family and prediction type
+(:func:`detect_model`) and whether the WebUI's setup can train it (:func:`environment_problem`),
+its text encoders as the hijack wraps them, and :class:`WebUIAdapter`, the
+:class:`~lora_trainer.contracts.ModelAdapter` over it. Text goes through the WebUI's own
+conditioning code (its chunking, emphasis, textual-inversion embeddings and clip skip), images
+through its VAE helper, the denoiser through ``sd_model.apply_model``. Also the helpers that
+change an attribute or a WebUI option for a session and register putting it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from modules import devices, sd_models, sd_samplers_common, sd_vae, shared
+from torch import nn
+
+from lora_trainer.contracts import Conditioning, SizeCond
+from lora_trainer.errors import IncompatibleModelError
+from lora_trainer.text import WINDOW_LENGTH, num_chunks
+
+__all__ = [
+    "CLIP_SKIP_OPTION",
+    "SDModel",
+    "WebUIAdapter",
+    "checkpoint_label",
+    "detect_model",
+    "environment_problem",
+    "loaded_model",
+    "set_attr",
+    "set_option_for_session",
+    "text_encoders",
+    "vae_label",
+]
+
+CLIP_SKIP_OPTION = "CLIP_stop_at_last_layers"
+
+SDModel = Any
+"""The WebUI's loaded model (an ldm ``LatentDiffusion`` or sgm ``DiffusionEngine`` nn.Module, with
+the attributes the WebUI sets on it), read duck-typed: which attributes it has depends on its kind."""
+
+# class names of the WebUI's hijacked text-encoder wrappers (modules/sd_hijack_clip.py, sd_hijack_open_clip.py)
+_SD1_WRAPPER = "FrozenCLIPEmbedderWithCustomWords"
+_SD2_WRAPPER = "FrozenOpenCLIPEmbedderWithCustomWords"
+_SDXL_WRAPPERS = ("FrozenCLIPEmbedderForSDXLWithCustomWords", "FrozenOpenCLIPEmbedder2WithCustomWords")
+
+
+def loaded_model() -> SDModel | None:
+    """The loaded model, without loading one (``shared.sd_model`` loads on first access)."""
+    data = getattr(sd_models, "model_data", None)
+    if data is not None:
+        return data.sd_model
+    return shared.sd_model
+
+
+def checkpoint_label(sd_model: SDModel) -> str:
+    info = getattr(sd_model, "sd_checkpoint_info", None)
+    return str(getattr(info, "title", None) or getattr(info, "name", None) or "unknown checkpoint")
+
+
+def vae_label() -> str:
+    return sd_vae.get_loaded_vae_name() or "built into the checkpoint"
+
+
+# --------------------------------------------------------------------------------------------
+# what the model is
+
+
+def _unet_in_channels(unet: Any) -> int:
+    try:
+        return int(unet.input_blocks[0][0].in_channels)
+    except (AttributeError, IndexError, TypeError):
+        return int(getattr(unet, "in_channels", 4))
+
+
+def _sdxl_family(sd_model: SDModel, name: str, in_channels: int, inpainting: bool, special: str) -> str:
+    """"sdxl" for an SDXL base text-to-image model, else IncompatibleModelError."""
+    if inpainting or in_channels != 4:
+        raise IncompatibleModelError(f"{name} is {special} SDXL model; only text-to-image models can be trained")
+    embedders = list(getattr(getattr(sd_model, "conditioner", None), "embedders", []))
+    kinds = tuple(type(e).__name__ for e in embedders if hasattr(e, "wrapped"))
+    if kinds == _SDXL_WRAPPERS:
+        return "sdxl"
+    if kinds == _SDXL_WRAPPERS[1:]:
+        raise IncompatibleModelError(
+            f"{name} is an SDXL refiner; LoRAs are trained on an SDXL base model (two text encoders)"
+        )
+    raise IncompatibleModelError(f"{name}: unexpected SDXL text encoders {kinds or 'none'}")
+
+
+def _sd_family(sd_model: SDModel, name: str, in_channels: int, special: str) -> str:
+    """"sd1" or "sd2" for an SD1.x/SD2.x text-to-image model, else IncompatibleModelError."""
+    if getattr(sd_model, "cond_stage_key", "txt") == "edit":
+        raise IncompatibleModelError(f"{name} is an instruct-pix2pix model; only text-to-image models can be trained")
+    conditioning_key = getattr(sd_model.model, "conditioning_key", "crossattn")
+    if in_channels != 4 or conditioning_key not in (None, "crossattn"):
+        kind = special if in_channels != 4 else f"a '{conditioning_key}'-conditioned (unCLIP/depth)"
+        raise IncompatibleModelError(f"{name} is {kind} model; only text-to-image models can be trained")
+    wrapper = type(getattr(sd_model, "cond_stage_model", None)).__name__
+    if wrapper == _SD1_WRAPPER and not getattr(sd_model, "is_sd2", False):
+        return "sd1"
+    if wrapper == _SD2_WRAPPER:
+        return "sd2"
+    raise IncompatibleModelError(
+        f"{name}: its text encoder ({wrapper}) is not one the trainer supports "
+        "(SD1 CLIP ViT-L or SD2 OpenCLIP ViT-H, as the WebUI wraps them)"
+    )
+
+
+def detect_model(sd_model: SDModel | None) -> tuple[str, str]:
+    """``(family, prediction_type)`` of a WebUI model; IncompatibleModelError says why not."""
+    if sd_model is None:
+        raise IncompatibleModelError("no model is loaded: pick a Stable Diffusion checkpoint at the top of the page")
+    name = checkpoint_label(sd_model)
+    if getattr(sd_model, "is_sd3", False):
+        raise IncompatibleModelError(f"{name} is a Stable Diffusion 3 model; only SD1.x, SD2.x and SDXL can be trained")
+    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+    if unet is None:
+        raise IncompatibleModelError(f"{name} has no UNet the trainer knows (model.diffusion_model)")
+    in_channels = _unet_in_channels(unet)
+    inpainting = in_channels == 9 or getattr(sd_model, "is_sdxl_inpaint", False)
+    special = "an inpainting" if inpainting else f"a {in_channels}-channel"
+    if getattr(sd_model, "is_sdxl", False):
+        family = _sdxl_family(sd_model, name, in_channels, inpainting, special)
+    else:
+        family = _sd_family(sd_model, name, in_channels, special)
+
+    parameterization = getattr(sd_model, "parameterization", "eps")
+    if parameterization not in ("eps", "v"):
+        raise IncompatibleModelError(
+            f"{name} predicts {parameterization!r}; only epsilon and v-prediction are supported"
+        )
+    return family, "v_prediction" if parameterization == "v" else "epsilon"
+
+
+def environment_problem(sd_model: SDModel) -> str | None:
+    """Why the WebUI's current setup cannot train on ``sd_model`` (None if it can)."""
+    cmd_opts = shared.cmd_opts
+    flags = [f"--{name}" for name in ("lowvram", "medvram") if getattr(cmd_opts, name, False)]
+    if getattr(cmd_opts, "medvram_sdxl", False) and getattr(sd_model, "is_sdxl", False):
+        flags.append("--medvram-sdxl")
+    if flags or getattr(sd_model, "lowvram", False):
+        which = " / ".join(flags) or "--medvram or --lowvram"
+        return (
+            f"the WebUI runs with {which}: it keeps parts of the model in CPU memory and moves them to the GPU "
+            "with hooks during each forward pass, which training (backward passes through those parts) cannot "
+            "work with. Restart the WebUI without that option to train"
+            + (" (--medvram-sdxl alone still lets you train SD1/SD2 models)" if "--medvram-sdxl" in flags else "")
+        )
+    if getattr(devices, "fp8", False):
+        return "FP8 weight storage is on (Settings > Optimizations > FP8 weight); turn it off to train"
+    try:
+        from modules import sd_unet
+    except ImportError:
+        return None
+    if getattr(sd_unet, "current_unet", None) is not None:
+        return "an alternative UNet (e.g. TensorRT) is active: set 'SD Unet' to None in the settings to train"
+    return None
+
+
+def text_encoders(sd_model: SDModel, family: str) -> dict[str, nn.Module]:
+    """The kohya-relevant text encoder modules (HF CLIPTextModel / OpenCLIP model) after the hijack."""
+    if family == "sdxl":
+        embedders = sd_model.conditioner.embedders
+        return {"te1": embedders[0].wrapped.transformer, "te2": embedders[1].wrapped.model}
+    wrapped = sd_model.cond_stage_model.wrapped
+    return {"te": wrapped.transformer if family == "sd1" else wrapped.model}
+
+
+# --------------------------------------------------------------------------------------------
+# changes for one session, undone at its end
+
+
+def set_attr(undo: contextlib.ExitStack, obj: Any, name: str, value: Any) -> None:
+    """Set ``obj.name`` and register putting the old value (or its absence) back."""
+    missing = object()
+    old = getattr(obj, name, missing)  # through properties too (sgm's embedders have ucg_rate as one)
+    setattr(obj, name, value)
+
+    def restore() -> None:
+        if old is missing:
+            with contextlib.suppress(AttributeError):
+                delattr(obj, name)
+        else:
+            setattr(obj, name, old)
+
+    undo.callback(restore)
+
+
+def set_option_for_session(undo: contextlib.ExitStack, key: str, value: Any) -> None:
+    """Set a WebUI option in memory (not saved) and put the old value back at the end of the session,
+    unless someone changed it meanwhile. Written to ``opts.data`` directly, as the WebUI does for
+    its own internal changes, so no onchange callback runs and frozen settings do not block it."""
+    data = shared.opts.data
+    missing = object()
+    old = data.get(key, missing)
+    data[key] = value
+
+    def restore() -> None:
+        if data.get(key, missing) != value:
+            return  # changed by the user during the run: keep theirs
+        if old is missing:
+            data.pop(key, None)
+        else:
+            data[key] = old
+
+    undo.callback(restore)
+
+
+# --------------------------------------------------------------------------------------------
+# the adapter
+
+
+class WebUIAdapter:
+    """The WebUI's loaded model as a :class:`~lora_trainer.contracts.ModelAdapter`.
+
+    Temporary changes it makes for training (the SDXL text embedders' ``is_trainable``, a
+    configured clip skip) are undone by ``undo`` (an ExitStack the host's session closes),
+    or by :meth:`close` when the adapter made its own.
+    """
+
+    def __init__(
+        self,
+        sd_model: SDModel,
+        *,
+        undo: contextlib.ExitStack | None = None,
+        family: str | None = None,
+        prediction_type: str | None = None,
+    ):
+        if family is None or prediction_type is None:
+            family, prediction_type = detect_model(sd_model)
+        self.sd_model = sd_model
+        self.family = family
+        self.prediction_type = prediction_type
+        self._own_undo = undo is None
+        self._undo = undo if undo is not None else contextlib.ExitStack()
+        self.unet = sd_model.model.diffusion_model
+        self.text_encoders = text_encoders(sd_model, family)
+        param = next(self.unet.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        # the schedule as loaded: processing may swap in a zero-terminal-SNR or fp16 copy for sampling
+        alphas = getattr(sd_model, "alphas_cumprod_original", None)
+        if alphas is None:
+            alphas = sd_model.alphas_cumprod
+        self.alphas_cumprod = alphas.detach().to(torch.float32)
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        filename = getattr(info, "filename", None)
+        self.model_name = os.path.basename(filename) if filename else ""
+        self.model_hash = str(getattr(info, "sha256", None) or "")
+        self.vae_name = sd_vae.get_loaded_vae_name() or ""
+        if family == "sd2":
+            self.default_clip_skip = max(1, int(getattr(sd_model.cond_stage_model.wrapped, "layer_idx", 1) or 1))
+        else:
+            self.default_clip_skip = int(getattr(shared.opts, CLIP_SKIP_OPTION, 1) or 1)
+        self._clip_skip = self.default_clip_skip
+        if family == "sdxl":
+            for embedder in sd_model.conditioner.embedders:
+                # as get_learned_conditioning does; the WebUI's wrappers have no ucg_rate until then
+                set_attr(self._undo, embedder, "ucg_rate", 0.0)
+            for embedder in sd_model.conditioner.embedders[:2]:
+                set_attr(self._undo, embedder, "is_trainable", True)  # else run under no_grad
+
+    def close(self) -> None:
+        """Undo the adapter's changes (only when it made its own undo stack)."""
+        if self._own_undo:
+            self._undo.close()
+
+    # -- images
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        images01 = ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        # approximation 0 = the full VAE (not TAESD), whatever the UI's encode method is
+        return sd_samplers_common.images_tensor_to_samples(images01, 0, self.sd_model)
+
+    # -- text
+
+    def _use_clip_skip(self, clip_skip: int) -> None:
+        """Make the WebUI's conditioning use ``clip_skip`` (for the rest of the session)."""
+        if clip_skip == self._clip_skip or self.family == "sdxl":
+            return
+        if clip_skip < 1:
+            raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
+        if self.family == "sd2":
+            set_attr(self._undo, self.sd_model.cond_stage_model.wrapped, "layer_idx", int(clip_skip))
+        else:
+            set_option_for_session(self._undo, CLIP_SKIP_OPTION, int(clip_skip))
+        self._clip_skip = clip_skip
+
+    def encode_text(
+        self,
+        captions: Sequence[str],
+        *,
+        clip_skip: int = 1,
+        max_token_length: int = 75,
+        size_cond: Sequence[SizeCond] | None = None,
+    ) -> Conditioning:
+        texts = [str(c) for c in captions]
+        width = num_chunks(max_token_length) * WINDOW_LENGTH
+        if self.family == "sdxl":
+            out = self.sd_model.conditioner(self._sdxl_batch(texts, size_cond))
+            return Conditioning(out["crossattn"][:, :width], out["vector"])
+        self._use_clip_skip(clip_skip)
+        context = self.sd_model.cond_stage_model(texts)
+        return Conditioning(context[:, :width])  # the WebUI encodes every chunk; keep max_token_length's
+
+    def _sdxl_batch(self, texts: list[str], size_cond: Sequence[SizeCond] | None) -> dict[str, Any]:
+        if size_cond is None:
+            size_cond = [SizeCond((1024, 1024), (0, 0), (1024, 1024))] * len(texts)
+        if len(size_cond) != len(texts):
+            raise ValueError(f"{len(size_cond)} size_cond for {len(texts)} captions")
+
+        def rows(field: str) -> torch.Tensor:
+            values = [list(getattr(s, field)) for s in size_cond]
+            return torch.tensor(values, device=devices.device, dtype=devices.dtype)
+
+        return {
+            "txt": texts,
+            "original_size_as_tuple": rows("original_size"),
+            "crop_coords_top_left": rows("crop_top_left"),
+            "target_size_as_tuple": rows("target_size"),
+        }
+
+    # -- denoiser
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if self.family == "sdxl":
+            return self.sd_model.apply_model(
+                noisy_latents, timesteps, {"crossattn": cond.context, "vector": cond.vector}
+            )
+        return self.sd_model.apply_model(noisy_latents, timesteps, cond.context)

@@ -1,0 +1,131 @@
+"""Atomic file writes: a hidden temp file in the target folder, fsync, then a rename or a no-clobber link.
+
+Readers see the old or the new content, never half a file; nothing is left behind when a write
+fails. Without ``overwrite`` an existing file is never replaced: the first free ``name_N.ext``
+(:func:`free_path`) is taken instead, race-free where the file system has hard links.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import cast
+
+from lora_trainer.log import logger
+
+__all__ = ["atomic_write_bytes", "free_path", "publish", "unlink_quietly", "write_temp"]
+
+
+def free_path(path: str | os.PathLike) -> Path:
+    """``path`` if nothing exists there, else the first free ``stem_1.ext``, ``stem_2.ext`` ..."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return path
+    suffix = "".join(path.suffixes[-1:])
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    i = 1
+    while True:
+        candidate = path.with_name(f"{stem}_{i}{suffix}")
+        if not os.path.lexists(candidate):
+            return candidate
+        i += 1
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_temp(directory: Path, stem: str, chunks: Iterable[bytes | memoryview], durable: bool = True) -> Path:
+    """Write ``chunks`` to a fresh hidden temp file in ``directory`` (fsync'ed if ``durable``); removed on failure."""
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{stem}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+def unlink_quietly(path: Path) -> None:
+    """Remove ``path`` if it is there; a failure is logged, not raised."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        logger.warning("could not remove temporary file %s: %s", path, e)
+
+
+def publish(tmp: Path, target: Path, overwrite: bool) -> Path:
+    """Move the finished temp file to ``target`` (or the first free ``target_N`` name)."""
+    try:
+        if overwrite:
+            os.replace(tmp, target)
+            final = target
+        else:
+            final = _publish_no_clobber(tmp, target)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    _fsync_dir(target.parent)
+    return final
+
+
+def _publish_no_clobber(tmp: Path, target: Path) -> Path:
+    candidate = free_path(target)
+    while True:
+        try:
+            # a hard link fails if the name exists: no race with another writer picking the same name
+            os.link(tmp, candidate)
+        except FileExistsError:
+            candidate = free_path(target)
+            continue
+        except (OSError, NotImplementedError):
+            # file system without hard links: check-then-rename (a tiny race window remains)
+            candidate = free_path(target)
+            os.replace(tmp, candidate)
+            return candidate
+        unlink_quietly(tmp)
+        return candidate
+
+
+def atomic_write_bytes(
+    path: str | os.PathLike,
+    chunks: Iterable[bytes | memoryview] | bytes,
+    *,
+    overwrite: bool = True,
+    durable: bool = True,
+) -> Path:
+    """Write a file atomically (hidden temp in the same folder, fsync, rename). Returns the path written.
+
+    Readers see the old or the new content, never half a file. ``durable=False`` skips the
+    fsync (for bulk copies whose loss on power failure is harmless).
+    """
+    path = Path(path)
+    parts: Iterable[bytes | memoryview]
+    if isinstance(chunks, (bytes, bytearray, memoryview)):
+        parts = [cast("bytes | memoryview", chunks)]
+    else:
+        parts = chunks
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = write_temp(path.parent, path.name, parts, durable)
+    return publish(tmp, path, overwrite)
