@@ -66,7 +66,7 @@ def cuda_available() -> bool:
         import torch
 
         return bool(torch.cuda.is_available())
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken torch means no CUDA; install must never crash the WebUI's start
         return False
 
 
@@ -99,7 +99,7 @@ def install(launch: ModuleType, **kwargs) -> list[str]:
             continue
         try:
             launch.run_pip(f'install "{req.spec}"', f"sd-webui-lora-train requirement: {req.spec}")
-        except Exception as exc:  # the extension still loads; the optimizer that needs it says so
+        except Exception as exc:  # noqa: BLE001 - never crash the WebUI's start; the optimizer needing it says so
             sys.stderr.write(f"sd-webui-lora-train: could not install {req.spec}: {exc}\n")
         done.append(req.spec)
     return done

@@ -18,8 +18,8 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from . import __version__
-from .errors import LoraTrainerError
+from lora_trainer import __version__
+from lora_trainer.errors import LoraTrainerError
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # a LoraTrainerError: bad file, bad config ...

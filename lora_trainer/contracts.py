@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
-    from .jobs import Job
+    from lora_trainer.config import TrainConfig
+    from lora_trainer.jobs import Job
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -158,7 +158,7 @@ class Host(Protocol):
         """The loaded model as a ModelAdapter, for one run; puts everything back on exit."""
         ...
 
-    def gpu_lock(self) -> ContextManager[None]:
+    def gpu_lock(self) -> ContextManager[object]:
         """Held for the whole run: generation waits meanwhile."""
         ...
 

@@ -17,13 +17,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig
-from .contracts import Host
-from .data.scan import scan_dataset
-from .errors import IncompatibleModelError, LoraTrainerError
-from .log import logger
-from .train.callbacks import Callbacks, StepInfo
-from .train.loop import train
+from lora_trainer.config import TrainConfig
+from lora_trainer.contracts import Host
+from lora_trainer.data.scan import scan_dataset
+from lora_trainer.errors import IncompatibleModelError, LoraTrainerError
+from lora_trainer.log import logger
+from lora_trainer.train.callbacks import Callbacks, StepInfo
+from lora_trainer.train.loop import train
 
 
 class JobBusyError(LoraTrainerError):
@@ -219,7 +219,7 @@ class JobManager:
             job.output_file = str(result.output_path)
             job.state = "stopped" if result.stopped_early else "done"
             job.phase = "Stopped; saved what was trained so far" if result.stopped_early else "Done"
-        except Exception as e:  # the job reports every failure; the host keeps running
+        except Exception as e:  # noqa: BLE001 - the job reports every failure; the host keeps running
             job.state = "failed"
             job.error = _describe(e)
             job.phase = "Failed"

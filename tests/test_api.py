@@ -52,7 +52,8 @@ def test_schema_presets_and_model(api):
     presets = client.get(f"{PREFIX}/presets").json()
     assert [p["name"] for p in presets] == list(PRESETS)
     first = presets[0]
-    assert first["source"] == "builtin" and first["config"] == PRESETS[first["name"]].config.to_dict()
+    assert first["source"] == "builtin"
+    assert first["config"] == PRESETS[first["name"]].config.to_dict()
     assert client.get(f"{PREFIX}/model").json() == {
         "family": "sd1",
         "checkpoint": "tiny.safetensors",
@@ -68,8 +69,10 @@ def test_user_presets_are_listed_and_a_broken_one_does_not_hide_the_others(api):
     (presets_dir / "mine.toml").write_text(TrainConfig().to_toml(description="my preset"))
     (presets_dir / "broken.toml").write_text("[network_arguments]\nnetwork_dim = 'many'\n")
     presets = {p["name"]: p for p in client.get(f"{PREFIX}/presets").json()}
-    assert presets["mine"]["source"] == "user" and presets["mine"]["description"] == "my preset"
-    assert "error" in presets["broken"] and set(PRESETS) < set(presets)
+    assert presets["mine"]["source"] == "user"
+    assert presets["mine"]["description"] == "my preset"
+    assert "error" in presets["broken"]
+    assert set(PRESETS) < set(presets)
 
 
 def test_start_status_list_and_losses(api, tmp_path):
@@ -77,15 +80,19 @@ def test_start_status_list_and_losses(api, tmp_path):
     response = client.post(f"{PREFIX}/jobs", json=body(tmp_path))
     assert response.status_code == 202, response.text
     started = response.json()
-    assert started["state"] in ("queued", "running", "done") and "losses" not in started
+    assert started["state"] in ("queued", "running", "done")
+    assert "losses" not in started
     status = wait_done(client, started["id"])
-    assert status["state"] == "done" and status["step"] == status["total_steps"] == 2
-    assert status["output_file"] == str(host.lora_dir / "tiny.safetensors") and status["error"] is None
+    assert status["state"] == "done"
+    assert status["step"] == status["total_steps"] == 2
+    assert status["output_file"] == str(host.lora_dir / "tiny.safetensors")
+    assert status["error"] is None
     assert "losses" not in status
     with_losses = client.get(f"{PREFIX}/jobs/{started['id']}", params={"losses": "true"}).json()
     assert len(with_losses["losses"]) == 2
     listed = client.get(f"{PREFIX}/jobs").json()
-    assert [j["id"] for j in listed] == [started["id"]] and "losses" not in listed[0]
+    assert [j["id"] for j in listed] == [started["id"]]
+    assert "losses" not in listed[0]
 
 
 def test_busy_then_cancel(api, tmp_path):
@@ -96,13 +103,17 @@ def test_busy_then_cancel(api, tmp_path):
         assert first.status_code == 202
         busy = client.post(f"{PREFIX}/jobs", json=body(tmp_path))
         assert busy.status_code == 409
-        assert "still running" in busy.json()["error"] and busy.json()["field"] is None
+        assert "still running" in busy.json()["error"]
+        assert busy.json()["field"] is None
         cancelled = client.post(f"{PREFIX}/jobs/{first.json()['id']}/cancel")
-        assert cancelled.status_code == 202 and cancelled.json()["id"] == first.json()["id"]
+        assert cancelled.status_code == 202
+        assert cancelled.json()["id"] == first.json()["id"]
     finally:
         host.lock.release()
     status = wait_done(client, first.json()["id"])
-    assert status["state"] == "stopped" and status["step"] == 0 and status["output_file"] is None
+    assert status["state"] == "stopped"
+    assert status["step"] == 0
+    assert status["output_file"] is None
 
 
 def test_preset_with_overrides_and_resume(api, tmp_path):
@@ -113,12 +124,14 @@ def test_preset_with_overrides_and_resume(api, tmp_path):
     assert response.status_code == 202, response.text
     job = manager.get(response.json()["id"])
     expected = PRESETS["quick-test"].config.to_dict()
-    assert job.config.save.output_name == "from_preset" and job.config.training.max_train_steps == 1
+    assert job.config.save.output_name == "from_preset"
+    assert job.config.training.max_train_steps == 1
     assert job.config.to_dict()["network"] == expected["network"]  # the rest comes from the preset
     assert not job.resume
     wait_done(client, job.id)
     resumed = client.post(f"{PREFIX}/jobs", json={**body(tmp_path, 1), "resume": True})
-    assert resumed.status_code == 202 and manager.get(resumed.json()["id"]).resume
+    assert resumed.status_code == 202
+    assert manager.get(resumed.json()["id"]).resume
     wait_done(client, resumed.json()["id"])
 
 
@@ -150,12 +163,14 @@ def test_bad_config_is_422_with_the_field(api, tmp_path, payload, field, message
 def test_invalid_json_and_missing_dataset(api, tmp_path):
     client, _, _ = api
     response = client.post(f"{PREFIX}/jobs", content=b"{not json", headers={"content-type": "application/json"})
-    assert response.status_code == 422 and response.json() == {
+    assert response.status_code == 422
+    assert response.json() == {
         "error": "the request body is not valid JSON",
         "field": None,
     }
     response = client.post(f"{PREFIX}/jobs", json={"save": {"output_name": "x"}})  # no dataset folder
-    assert response.status_code == 422 and response.json()["field"].startswith("dataset.")
+    assert response.status_code == 422
+    assert response.json()["field"].startswith("dataset.")
 
 
 def test_unknown_job_is_404(api):
@@ -169,11 +184,13 @@ def test_model_that_cannot_train_is_409_and_no_model_is_503(api, tmp_path, monke
     client, manager, host = api
     host.problem = "tiny.safetensors is an SDXL refiner"
     response = client.post(f"{PREFIX}/jobs", json=body(tmp_path))
-    assert response.status_code == 409 and "refiner" in response.json()["error"]
+    assert response.status_code == 409
+    assert "refiner" in response.json()["error"]
     original = host.model_info
     monkeypatch.setattr(host, "model_info", lambda: original().__class__(None, "", "", "no model is loaded yet"))
     response = client.post(f"{PREFIX}/jobs", json=body(tmp_path))
-    assert response.status_code == 503 and "no model" in response.json()["error"]
+    assert response.status_code == 503
+    assert "no model" in response.json()["error"]
     assert manager.list() == []
 
 
@@ -196,7 +213,8 @@ def test_non_finite_numbers_become_null(api, tmp_path):
     job = manager.get(job_id)
     job.loss, job.losses = float("nan"), [float("inf"), 0.5]
     status = client.get(f"{PREFIX}/jobs/{job_id}", params={"losses": True}).json()
-    assert status["loss"] is None and status["losses"] == [None, 0.5]
+    assert status["loss"] is None
+    assert status["losses"] == [None, 0.5]
 
 
 def basic(user: str, password: str) -> dict[str, str]:
@@ -220,12 +238,15 @@ def test_api_auth_as_the_webui(tmp_path):
 
 
 def test_parse_credentials_and_config_from_request():
-    assert parse_credentials(None) is None and parse_credentials("") is None
+    assert parse_credentials(None) is None
+    assert parse_credentials("") is None
     assert parse_credentials("a:b, c:d:e") == {"a": "b", "c": "d:e"}
     assert parse_credentials({"a": "b"}) == {"a": "b"}
     with pytest.raises(ValueError, match="user:password"):
         parse_credentials("nopassword")
     cfg, resume = config_from_request({"network": {"network_dim": 8}, "resume": True})
-    assert cfg.network.network_dim == 8 and resume
+    assert cfg.network.network_dim == 8
+    assert resume
     cfg, resume = config_from_request({"config": {"network": {"network_dim": 4}}})
-    assert cfg.network.network_dim == 4 and not resume
+    assert cfg.network.network_dim == 4
+    assert not resume

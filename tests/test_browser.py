@@ -23,7 +23,7 @@ STEPS = 6
 HOLD_AT = 2  # the run waits at this step until the test has reloaded the page
 
 
-@pytest.fixture()
+@pytest.fixture
 def app(tmp_path):
     harness = launch(tmp_path / "app")
     harness.release = threading.Event()
@@ -40,7 +40,7 @@ def app(tmp_path):
     harness.close()
 
 
-@pytest.fixture()
+@pytest.fixture
 def page(app):
     with browser_page(20_000) as page:
         yield page
@@ -100,7 +100,8 @@ def test_train_from_the_tab(app, page, tmp_path):
     page.locator("#lora_train_start").click()
     message = page.locator("#lora_train_message .lora_train_msg_error")
     message.wait_for()
-    assert "Smallest bucket side" in message.inner_text() and "dataset.min_bucket_reso" in message.inner_text()
+    assert "Smallest bucket side" in message.inner_text()
+    assert "dataset.min_bucket_reso" in message.inner_text()
     page.wait_for_selector("#lora_train_cfg_dataset_min_bucket_reso.lora_train_invalid", state="attached")
     flagged = page.locator("#lora_train_sections > .tab-nav > button.lora_train_tab_invalid").all_inner_texts()
     assert [t.strip(" •") for t in flagged] == ["Dataset"]  # the settings tab holding the field
@@ -139,7 +140,8 @@ def test_train_from_the_tab(app, page, tmp_path):
 
     page.wait_for_selector('#lora_train_status [data-state="done"]', timeout=60_000)
     text = status.inner_text()
-    assert f"Step {STEPS} / {STEPS}" in text and "Done" in text
+    assert f"Step {STEPS} / {STEPS}" in text
+    assert "Done" in text
     lora = app.host.lora_dir / "lora_quick_test.safetensors"
     assert lora.is_file()
     assert lora.name in text

@@ -26,14 +26,14 @@ pytestmark = pytest.mark.browser
 WAIT = 20_000  # ms, for any one thing to show
 
 
-@pytest.fixture()
+@pytest.fixture
 def app(tmp_path):
     harness = launch(tmp_path / "app", workshop=True)
     yield harness
     harness.close()
 
 
-@pytest.fixture()
+@pytest.fixture
 def page(app):
     with browser_page(WAIT) as page:
         yield page
@@ -115,7 +115,8 @@ def test_workshop_from_images_to_training_folder(app, page, tmp_path):
     wait_text(page, "#lora_train_ws_import_report", "Imported 2 image(s) from 2_extra.zip")
     wait_text(page, "#lora_train_ws_summary", "9 images")
     summary = html(page, "summary").inner_text()
-    assert "5_hero" in summary and "2_extra" in summary
+    assert "5_hero" in summary
+    assert "2_extra" in summary
     page.screenshot(path=str(tmp_path / "imported.png"), full_page=True)
 
     # Clean: the broken JPEG is set aside, clearly reported.
@@ -145,13 +146,16 @@ def test_workshop_from_images_to_training_folder(app, page, tmp_path):
     step(page, "Tags")
     page.wait_for_function("() => document.querySelectorAll('#lora_train_ws_gallery img').length === 8")
     tags = tag_table(page)
-    assert tags["hero"] == 8 and tags["solo"] == 8 and tags["1girl"] == 8, tags
+    assert tags["hero"] == 8, tags
+    assert tags["solo"] == 8, tags
+    assert tags["1girl"] == 8, tags
     page.screenshot(path=str(tmp_path / "tags.png"), full_page=True)
     box(page, "remove_tags").fill("solo")
     page.locator("#lora_train_ws_remove").click()
     wait_text(page, "#lora_train_ws_tag_report", "8 caption(s) changed")
     wait_text(page, "#lora_train_ws_tag_table", "solo", present=False)
-    assert "solo" not in tag_table(page) and tag_table(page)["hero"] == 8
+    assert "solo" not in tag_table(page)
+    assert tag_table(page)["hero"] == 8
     assert "solo" not in (workspace / "5_hero" / "img0.txt").read_text()
     page.screenshot(path=str(tmp_path / "removed.png"), full_page=True)
     page.locator("#lora_train_ws_undo").click()
@@ -181,8 +185,11 @@ def test_workshop_from_images_to_training_folder(app, page, tmp_path):
     page.locator("#lora_train_ws_advise").click()
     wait_text(page, "#lora_train_ws_advice", "Total steps")
     advice = html(page, "advice").inner_text()
-    assert "340 total steps" in advice and "42.5 steps per image" in advice
-    assert "Only 8 image(s); 15 or more" in advice and "aim for at least 100" in advice and "at least 1500" in advice
+    assert "340 total steps" in advice
+    assert "42.5 steps per image" in advice
+    assert "Only 8 image(s); 15 or more" in advice
+    assert "aim for at least 100" in advice
+    assert "at least 1500" in advice
     assert box(page, "epochs").input_value() == "10"
     page.screenshot(path=str(tmp_path / "advice.png"), full_page=True)
 

@@ -27,9 +27,11 @@ def test_sd15_512_buckets_match_kohya():
     assert buckets == SD15_512
     assert buckets == sorted(buckets)
     for w, h in buckets:
-        assert w % 64 == 0 and h % 64 == 0
+        assert w % 64 == 0
+        assert h % 64 == 0
         assert w * h <= 512 * 512
-        assert 256 <= w <= 1024 and 256 <= h <= 1024
+        assert 256 <= w <= 1024
+        assert 256 <= h <= 1024
     for must in [(512, 512), (576, 448), (448, 576), (640, 384), (384, 640), (768, 320), (1024, 256)]:
         assert must in buckets
     assert make_buckets() == SD15_512  # the defaults are kohya's
@@ -82,7 +84,9 @@ def test_assignment_picks_closest_aspect_ratio():
     for size, bucket in cases.items():
         assert assign_bucket(size, buckets).bucket == bucket, size
     a = assign_bucket((576, 448), buckets)
-    assert a.resized_size == (576, 448) and a.ar_error == 0 and not a.upscaled
+    assert a.resized_size == (576, 448)
+    assert a.ar_error == 0
+    assert not a.upscaled
 
     rng = random.Random(0)
     for _ in range(300):
@@ -93,7 +97,8 @@ def test_assignment_picks_closest_aspect_ratio():
         assert a.ar_error == pytest.approx(a.bucket[0] / a.bucket[1] - w / h)
         rw, rh = a.resized_size
         bw, bh = a.bucket
-        assert rw >= bw and rh >= bh  # covers the bucket: crop, never pad
+        assert rw >= bw
+        assert rh >= bh
         assert rw == bw or rh == bh  # and touches it on one side
         assert abs(rw / rh - w / h) < 0.02 + 1 / min(rw, rh)  # aspect kept
         assert a.upscaled == (rw > w or rh > h)
@@ -101,32 +106,43 @@ def test_assignment_picks_closest_aspect_ratio():
 
 def test_small_image_is_upscaled():
     a = assign_bucket((100, 100), make_buckets())
-    assert a.bucket == (512, 512) and a.resized_size == (512, 512) and a.upscaled
+    assert a.bucket == (512, 512)
+    assert a.resized_size == (512, 512)
+    assert a.upscaled
 
 
 def test_no_upscale_follows_kohya():
     area = 512 * 512
     # small enough: the bucket is the size rounded down to the step, cropped without resizing
     a = assign_bucket((400, 300), [], True, max_area=area, step=64)
-    assert a.bucket == (384, 256) and a.resized_size == (400, 300) and not a.upscaled
+    assert a.bucket == (384, 256)
+    assert a.resized_size == (400, 300)
+    assert not a.upscaled
     # too large: scaled to about the max area first (kohya's rounding), then rounded down
     a = assign_bucket((700, 500), [], True, max_area=area, step=64)
-    assert a.bucket == (512, 384) and a.resized_size == (538, 384) and not a.upscaled
+    assert a.bucket == (512, 384)
+    assert a.resized_size == (538, 384)
+    assert not a.upscaled
     a = assign_bucket((4000, 3000), [], True, max_area=area, step=64)
-    assert a.bucket == (512, 384) and a.resized_size == (512, 384)
+    assert a.bucket == (512, 384)
+    assert a.resized_size == (512, 384)
     assert a.bucket[0] * a.bucket[1] <= area
     # an image narrower than one step still gets a (one-step) bucket, enlarged
     a = assign_bucket((40, 30), [], True, max_area=area, step=64)
-    assert a.bucket == (64, 64) and a.upscaled
-    with pytest.raises(ValueError):
+    assert a.bucket == (64, 64)
+    assert a.upscaled
+    with pytest.raises(ValueError, match=r"no_upscale needs max_area"):
         assign_bucket((400, 300), [], True)  # needs max_area
 
 
 def test_fixed_size_mode_covers_and_crops():
     a = assign_fixed((200, 100), (64, 64))
-    assert a.bucket == (64, 64) and a.resized_size == (128, 64) and not a.upscaled
+    assert a.bucket == (64, 64)
+    assert a.resized_size == (128, 64)
+    assert not a.upscaled
     a = assign_fixed((32, 48), (64, 64))
-    assert a.resized_size == (64, 96) and a.upscaled
+    assert a.resized_size == (64, 96)
+    assert a.upscaled
     s = BucketSettings(resolution=(64, 64), enable_bucket=False)
     assert s.buckets() == [(64, 64)]
     assert s.assign((300, 1000)).bucket == (64, 64)

@@ -26,7 +26,9 @@ class ToyVAE:
         self.calls: list[tuple[int, ...]] = []
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        assert pixels.dim() == 4 and pixels.shape[1] == 3 and pixels.dtype == torch.float32
+        assert pixels.dim() == 4
+        assert pixels.shape[1] == 3
+        assert pixels.dtype == torch.float32
         self.calls.append(tuple(pixels.shape))
         return F.avg_pool2d(pixels, 8)
 
@@ -50,13 +52,17 @@ def test_memory_cache_hits(tmp_path):
     cache = LatentCache()
     req = LatentRequest(img, (32, 32))
     (lat,) = cache.get_or_encode([req], vae, vae_id="vae-A")
-    assert lat.shape == (3, 4, 4) and lat.dtype == torch.float32
+    assert lat.shape == (3, 4, 4)
+    assert lat.dtype == torch.float32
     (again,) = cache.get_or_encode([req], vae, vae_id="vae-A")
-    assert again is lat and vae.encoded == 1 and cache.stats["memory_hits"] == 1
+    assert again is lat
+    assert vae.encoded == 1
+    assert cache.stats["memory_hits"] == 1
     # the same request twice in one call is encoded once
     reqs = [LatentRequest(img, (48, 32)), LatentRequest(img, (48, 32))]
     a, b = cache.get_or_encode(reqs, vae, vae_id="vae-A", batch_size=2)
-    assert a is b and vae.encoded == 2
+    assert a is b
+    assert vae.encoded == 2
 
 
 def test_disk_cache_is_safetensors_and_reused(tmp_path):
@@ -76,12 +82,16 @@ def test_disk_cache_is_safetensors_and_reused(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         assert torch.equal(f.get_tensor("latents"), lat)
-    assert meta["vae_id"] == "vae-A" and meta["size"] == "32x32" and meta["key"] == key
+    assert meta["vae_id"] == "vae-A"
+    assert meta["size"] == "32x32"
+    assert meta["key"] == key
     assert meta["content_sha256"] == file_sha256(img)
 
     fresh = LatentCache(cache_dir)  # a new process: found on disk, not encoded
     (lat2,) = fresh.get_or_encode([req], vae, vae_id="vae-A")
-    assert torch.equal(lat, lat2) and vae.encoded == 1 and fresh.stats["disk_hits"] == 1
+    assert torch.equal(lat, lat2)
+    assert vae.encoded == 1
+    assert fresh.stats["disk_hits"] == 1
 
 
 def test_changes_miss(tmp_path):
@@ -103,7 +113,8 @@ def test_changes_miss(tmp_path):
 
     gradient(img, shift=40)  # same name, same size, new content
     (changed,) = LatentCache(cache_dir).get_or_encode([base], vae, vae_id="vae-A")
-    assert vae.encoded == 5 and not torch.equal(changed, first)
+    assert vae.encoded == 5
+    assert not torch.equal(changed, first)
     assert len(list(cache_dir.glob("*.safetensors"))) == 5
 
 
@@ -127,12 +138,14 @@ def test_corrupt_file_is_reencoded(tmp_path, records, damage):
     n = vae.encoded
     fresh = LatentCache(cache_dir)
     (again,) = fresh.get_or_encode([req], vae, vae_id="v")
-    assert vae.encoded == n + 1 and fresh.stats["corrupt"] == 1
+    assert vae.encoded == n + 1
+    assert fresh.stats["corrupt"] == 1
     assert torch.equal(again, lat)
     assert any("damaged" in r.getMessage() and path.name in r.getMessage() for r in records)
     fresh2 = LatentCache(cache_dir)  # the file was replaced by a good one
     fresh2.get_or_encode([req], vae, vae_id="v")
-    assert fresh2.stats["disk_hits"] == 1 and vae.encoded == n + 1
+    assert fresh2.stats["disk_hits"] == 1
+    assert vae.encoded == n + 1
 
 
 def test_random_crop_is_refused(tmp_path):
@@ -148,7 +161,7 @@ def test_random_crop_is_refused(tmp_path):
 
 def test_bad_encoder_output(tmp_path):
     img = gradient(tmp_path / "a.png")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"encode_fn returned .* for 1 images; expected \(B, C, h, w\)"):
         LatentCache().get_or_encode([LatentRequest(img, (32, 32))], lambda px: px[0], vae_id="v")
 
 
@@ -176,7 +189,8 @@ def test_dataset_with_cached_latents(tmp_path):
 
     saw_flip = False
     for a, b in zip(plain.iter_epoch(1), ds.iter_epoch(1), strict=True):
-        assert "pixels" not in b and "latents" in b
+        assert "pixels" not in b
+        assert "latents" in b
         for key in ("keys", "captions", "flipped", "original_sizes", "crop_top_lefts", "target_sizes", "bucket"):
             assert a[key] == b[key], key
         # the cached latent is the encoding of exactly the pixels the uncached path loads
@@ -187,7 +201,8 @@ def test_dataset_with_cached_latents(tmp_path):
     again = TrainDataset(items, SMALL, batch_size=2, flip_aug=True, seed=4)
     cache = LatentCache(cache_dir)
     again.cache_latents(cache, vae, vae_id="v")
-    assert vae.encoded == 2 * len(items) and cache.stats["disk_hits"] == 2 * len(items)
+    assert vae.encoded == 2 * len(items)
+    assert cache.stats["disk_hits"] == 2 * len(items)
 
     assert tree_hashes(root) == before  # nothing written into the image folders
     assert all(p.suffix == ".safetensors" for p in cache_dir.iterdir())

@@ -109,11 +109,11 @@ def test_custom_separator_is_joined_with_comma_like_kohya():
 
 
 def test_bad_rates_raise():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"caption_dropout_rate must be in \[0, 1\], got 1\.5"):
         cap.process_caption(CAPTION, random.Random(0), caption_dropout_rate=1.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"caption_tag_dropout_rate must be in \[0, 1\], got -0\.1"):
         cap.process_caption(CAPTION, random.Random(0), caption_tag_dropout_rate=-0.1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"keep_tokens must be >= 0, got -1"):
         cap.process_caption(CAPTION, random.Random(0), keep_tokens=-1)
 
 
@@ -155,7 +155,9 @@ def test_read_caption_file_falls_back_with_warning(tmp_path, lt_caplog):
     p.write_bytes("café, naïve\r\n".encode("cp1252"))
     assert cap.read_caption_file(p) == "café, naïve"
     warnings = [r.getMessage() for r in lt_caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "b.txt" in warnings[0] and "cp1252" in warnings[0]
+    assert len(warnings) == 1
+    assert "b.txt" in warnings[0]
+    assert "cp1252" in warnings[0]
 
     q = tmp_path / "c.txt"
     q.write_bytes(b"x\x81y")  # undefined in cp1252: latin-1 decodes anything

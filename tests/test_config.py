@@ -235,10 +235,13 @@ save_model_as = "safetensors"
 
 def test_every_field_has_help_and_label():
     for group in dataclasses.fields(TrainConfig):
-        assert group.metadata["help"].strip() and group.metadata["label"].strip(), group.name
+        assert group.metadata["help"].strip(), group.name
+        assert group.metadata["label"].strip(), group.name
         for f in dataclasses.fields(group.default_factory):
-            assert isinstance(f.metadata.get("help"), str) and len(f.metadata["help"]) > 10, f.name
-            assert isinstance(f.metadata.get("label"), str) and f.metadata["label"].strip(), f.name
+            assert isinstance(f.metadata.get("help"), str), f.name
+            assert len(f.metadata["help"]) > 10, f.name
+            assert isinstance(f.metadata.get("label"), str), f.name
+            assert f.metadata["label"].strip(), f.name
 
 
 def test_optional_fields_default_to_none():
@@ -255,17 +258,22 @@ def test_defaults_are_the_documented_ones():
     cfg = TrainConfig()
     assert (cfg.network.network_dim, cfg.network.network_alpha, cfg.network.conv_dim) == (16, 8.0, 0)
     assert (cfg.optim.optimizer_type, cfg.optim.learning_rate, cfg.optim.lr_scheduler) == ("AdamW", 1e-4, "cosine")
-    assert cfg.optim.unet_lr is None and cfg.optim.text_encoder_lr is None
-    assert cfg.dataset.caption_extension == ".txt" and cfg.dataset.bucket_reso_steps == 64
-    assert cfg.training.max_train_steps is None and cfg.training.clip_skip is None
-    assert cfg.save.output_dir is None and cfg.save.overwrite is False
+    assert cfg.optim.unet_lr is None
+    assert cfg.optim.text_encoder_lr is None
+    assert cfg.dataset.caption_extension == ".txt"
+    assert cfg.dataset.bucket_reso_steps == 64
+    assert cfg.training.max_train_steps is None
+    assert cfg.training.clip_skip is None
+    assert cfg.save.output_dir is None
+    assert cfg.save.overwrite is False
     assert valid_config().errors() == []
 
 
 def test_replace_and_equality():
     cfg = valid_config()
     other = dataclasses.replace(cfg, network=dataclasses.replace(cfg.network, network_dim=32))
-    assert other.network.network_dim == 32 and cfg.network.network_dim == 16
+    assert other.network.network_dim == 32
+    assert cfg.network.network_dim == 16
     assert other != cfg
     assert dataclasses.replace(other, network=dataclasses.replace(other.network, network_dim=16)) == cfg
     assert copy.deepcopy(cfg) == cfg
@@ -277,14 +285,16 @@ def test_construction_normalises_values():
     assert DatasetConfig(resolution=[512, 768]).resolution_wh == (512, 768)
     assert DatasetConfig(resolution=640).resolution_wh == (640, 640)
     alpha = NetworkConfig(network_alpha=8).network_alpha
-    assert alpha == 8.0 and isinstance(alpha, float)
+    assert alpha == 8.0
+    assert isinstance(alpha, float)
     assert OptimConfig(optimizer_args={"betas": (0.9, 0.99)}).optimizer_args == {"betas": [0.9, 0.99]}
     assert NetworkConfig(network_dim="16").network_dim == "16"  # wrong type kept as given, for errors() to report
 
 
 def test_convenience_properties():
     optim = OptimConfig(learning_rate=2e-4, text_encoder_lr=5e-5)
-    assert optim.resolved_unet_lr == 2e-4 and optim.resolved_text_encoder_lr == 5e-5
+    assert optim.resolved_unet_lr == 2e-4
+    assert optim.resolved_text_encoder_lr == 5e-5
     assert NetworkConfig().algorithm == "lora"
 
 
@@ -316,8 +326,10 @@ def test_from_dict_partial_takes_defaults():
 
 def test_from_dict_accepts_ints_for_floats_and_integral_floats_for_ints():
     cfg = TrainConfig.from_dict({"network": {"network_alpha": 4, "network_dim": 16.0}, "optim": {"learning_rate": 1}})
-    assert cfg.network.network_alpha == 4.0 and isinstance(cfg.network.network_alpha, float)
-    assert cfg.network.network_dim == 16 and isinstance(cfg.network.network_dim, int)
+    assert cfg.network.network_alpha == 4.0
+    assert isinstance(cfg.network.network_alpha, float)
+    assert cfg.network.network_dim == 16
+    assert isinstance(cfg.network.network_dim, int)
     assert isinstance(cfg.optim.learning_rate, float)
 
 
@@ -351,7 +363,8 @@ def test_from_dict_errors_name_the_field(data, field, words):
 def test_from_flat_unknown_key():
     with pytest.raises(ConfigError) as info:
         TrainConfig.from_flat({"optim.learning_rte": 1e-4})
-    assert info.value.field == "optim.learning_rte" and "optim.learning_rate" in info.value.message
+    assert info.value.field == "optim.learning_rte"
+    assert "optim.learning_rate" in info.value.message
 
 
 def test_to_dict_refuses_a_wrong_type_set_after_construction():
@@ -378,28 +391,34 @@ def test_toml_round_trip(make, toml_reader):
 def test_toml_round_trip_steps_unset_and_description(toml_reader):
     cfg = valid_config(training__max_train_steps=None, training__max_train_epochs=3)
     parsed = parse_toml(cfg.to_toml(description='my "preset"'))
-    assert parsed.config == cfg and parsed.description == 'my "preset"' and parsed.ignored == {}
+    assert parsed.config == cfg
+    assert parsed.description == 'my "preset"'
+    assert parsed.ignored == {}
 
 
 def test_toml_uses_kohya_names_kohya_can_read():
     cfg = changed_config()
     flat = kohya_read_config(cfg.to_toml())  # what kohya's --config_file loader would see
-    assert flat["network_dim"] == 64 and flat["network_alpha"] == 32.5
+    assert flat["network_dim"] == 64
+    assert flat["network_alpha"] == 32.5
     assert flat["network_args"] == [
         "conv_dim=8",
         "conv_alpha=4.0",
         "rank_dropout=0.2",
         "module_dropout=0.3",
     ]
-    assert flat["network_train_unet_only"] is True and flat["network_train_text_encoder_only"] is True
+    assert flat["network_train_unet_only"] is True
+    assert flat["network_train_text_encoder_only"] is True
     assert flat["resolution"] == "768,512"
     assert tuple(int(r) for r in flat["resolution"].split(",")) == (768, 512)  # kohya's parsing: (width, height)
-    assert flat["optimizer_type"] == "Prodigy" and flat["mixed_precision"] == "bf16"
+    assert flat["optimizer_type"] == "Prodigy"
+    assert flat["mixed_precision"] == "bf16"
     # kohya: key, value = arg.split("="); value = ast.literal_eval(value)
     kwargs = {a.split("=")[0]: ast.literal_eval(a.split("=")[1]) for a in flat["optimizer_args"]}
     assert kwargs == {"weight_decay": 0.01, "betas": (0.9, 0.99), "decouple": True, "mode": "x"}
     # steps set: epochs must not reach kohya, where they would override the steps
-    assert flat["max_train_steps"] == 1234 and "max_train_epochs" not in flat
+    assert flat["max_train_steps"] == 1234
+    assert "max_train_epochs" not in flat
     # our extras do not land on kohya argument names
     kohya_names = set(C.KOHYA_UNMAPPED) | {f.kohya for f in FIELDS if f.kohya} | {"network_args"}
     assert set(flat) - kohya_names == {"format", "dataset", "save", "sample", "training"}
@@ -409,8 +428,10 @@ def test_toml_uses_kohya_names_kohya_can_read():
 def test_toml_leaves_defaults_out_of_network_args():
     flat = kohya_read_config(valid_config().to_toml())
     assert "network_args" not in flat  # conv off and no dropouts: nothing for networks.lora
-    assert flat["max_train_epochs"] == 10 and "max_train_steps" not in flat
-    assert flat["network_train_unet_only"] is False and flat["network_train_text_encoder_only"] is False
+    assert flat["max_train_epochs"] == 10
+    assert "max_train_steps" not in flat
+    assert flat["network_train_unet_only"] is False
+    assert flat["network_train_text_encoder_only"] is False
 
 
 def test_toml_unicode_and_control_characters(toml_reader):
@@ -427,7 +448,8 @@ def test_reads_the_kohya_trainer_notebook_config_file(toml_reader, log_records):
     parsed = parse_toml(NOTEBOOK_CONFIG_FILE)
     cfg = parsed.config
     assert (cfg.network.network_dim, cfg.network.network_alpha, cfg.network.conv_dim) == (32, 16.0, 0)
-    assert cfg.network.train_unet and cfg.network.train_text_encoder
+    assert cfg.network.train_unet
+    assert cfg.network.train_text_encoder
     assert (cfg.optim.optimizer_type, cfg.optim.learning_rate, cfg.optim.lr_scheduler) == (
         "AdamW8bit",
         1e-4,
@@ -441,11 +463,15 @@ def test_reads_the_kohya_trainer_notebook_config_file(toml_reader, log_records):
         "/content/LoRA/output",
         "fp16",
     )
-    assert cfg.save.save_every_n_epochs == 1 and cfg.dataset.max_token_length == 225 and cfg.dataset.cache_latents
+    assert cfg.save.save_every_n_epochs == 1
+    assert cfg.dataset.max_token_length == 225
+    assert cfg.dataset.cache_latents
     # not in config_file.toml (the notebook puts them in dataset_config.toml): kohya's defaults
-    assert cfg.dataset.caption_extension == ".caption" and cfg.dataset.enable_bucket is False
+    assert cfg.dataset.caption_extension == ".caption"
+    assert cfg.dataset.enable_bucket is False
     assert parsed.ignored["pretrained_model_name_or_path"] == "/content/pretrained_model/AnyLoRA.safetensors"
-    assert parsed.ignored["sample_sampler"] == "ddim" and parsed.ignored["save_model_as"] == "safetensors"
+    assert parsed.ignored["sample_sampler"] == "ddim"
+    assert parsed.ignored["save_model_as"] == "safetensors"
     assert not [r for r in log_records if r.levelno >= logging.WARNING]  # only host/logging settings ignored
     # what is left to do is named: the dataset folder, and prompts for the notebook's per-epoch previews
     assert [e.field for e in cfg.errors()] == ["dataset.train_data_dir", "sample.sample_prompts"]
@@ -496,12 +522,14 @@ max_train_steps = 2000
 caption_extention = ".txt"
 """
     cfg = TrainConfig.from_toml(text)
-    assert cfg.dataset.train_data_dir == "/data/img" and cfg.dataset.resolution == (512, 768)
+    assert cfg.dataset.train_data_dir == "/data/img"
+    assert cfg.dataset.resolution == (512, 768)
     assert cfg.dataset.caption_extension == ".txt"  # kohya's old misspelling, which kohya still reads
     net = cfg.network
     assert (net.network_dim, net.network_alpha, net.conv_dim, net.conv_alpha) == (16, 8.0, 8, 4.0)
     assert (net.rank_dropout, net.module_dropout) == (0.1, 0.05)
-    assert net.train_unet is True and net.train_text_encoder is False
+    assert net.train_unet is True
+    assert net.train_text_encoder is False
     assert cfg.optim.optimizer_type == "AdamW8bit"  # kohya's names are case-insensitive
     assert cfg.optim.optimizer_args == {"weight_decay": 0.1, "betas": [0.9, 0.99], "foreach": False}
     assert (cfg.optim.lr_scheduler, cfg.optim.lr_scheduler_num_cycles) == ("cosine_with_restarts", 3)
@@ -513,8 +541,10 @@ def test_kohya_file_absent_settings_take_kohya_defaults():
     cfg = TrainConfig.from_toml('network_dim = 8\ntrain_data_dir = "/d"\n')
     assert (cfg.network.network_dim, cfg.network.network_alpha) == (8, 1.0)
     assert (cfg.optim.learning_rate, cfg.optim.lr_scheduler) == (2e-6, "constant")
-    assert cfg.training.max_train_steps == 1600 and cfg.training.mixed_precision == "no"
-    assert cfg.training.clip_skip == 1 and cfg.dataset.max_token_length == 75
+    assert cfg.training.max_train_steps == 1600
+    assert cfg.training.mixed_precision == "no"
+    assert cfg.training.clip_skip == 1
+    assert cfg.dataset.max_token_length == 75
     assert (cfg.dataset.enable_bucket, cfg.dataset.caption_extension) == (False, ".caption")
     assert (cfg.save.save_precision, cfg.save.output_name) == ("float", "last")
 
@@ -532,7 +562,8 @@ def test_kohya_epochs_override_steps(log_records):
 
 def test_kohya_legacy_and_list_forms():
     cfg = TrainConfig.from_toml("use_8bit_adam = true\ntext_encoder_lr = [5e-5, 5e-5]\n")
-    assert cfg.optim.optimizer_type == "AdamW8bit" and cfg.optim.text_encoder_lr == 5e-5
+    assert cfg.optim.optimizer_type == "AdamW8bit"
+    assert cfg.optim.text_encoder_lr == 5e-5
     assert TrainConfig.from_toml('optimizer_type = ""\n').optim.optimizer_type == "AdamW"  # kohya: "" = AdamW
 
 
@@ -540,7 +571,9 @@ def test_unsupported_kohya_settings_are_reported(log_records):
     parsed = parse_toml('color_aug = true\nxformers = true\nnetwork_args = ["block_dims=2,4,4"]\n')
     assert parsed.ignored == {"color_aug": True, "xformers": True, "network_args.block_dims": "2,4,4"}
     warnings = [r.getMessage() for r in log_records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and "color_aug=True" in warnings[0] and "xformers" not in warnings[0]
+    assert len(warnings) == 1
+    assert "color_aug=True" in warnings[0]
+    assert "xformers" not in warnings[0]
 
 
 @pytest.mark.parametrize(
@@ -768,7 +801,8 @@ def test_json_schema_covers_every_field():
     schema = json_schema()
     assert TrainConfig.json_schema() == schema
     json.dumps(schema)  # JSON-safe
-    assert schema["additionalProperties"] is False and list(schema["properties"]) == list(C.GROUPS)
+    assert schema["additionalProperties"] is False
+    assert list(schema["properties"]) == list(C.GROUPS)
     paths = [f"{g}.{name}" for g, sub in schema["properties"].items() for name in sub["properties"]]
     assert paths == leaf_paths_by_walking()
     defaults = TrainConfig().to_flat()
@@ -807,14 +841,17 @@ def test_fields_cover_every_leaf_exactly():
     assert paths == leaf_paths_by_walking()
     assert len(set(paths)) == len(paths)
     for f in FIELDS:
-        assert f.label.strip() and f.help.strip(), f.path
+        assert f.label.strip(), f.path
+        assert f.help.strip(), f.path
         assert f.widget in WIDGETS, f.path
         assert (f.widget == "dropdown") == (f.choices is not None), f.path
     by_path = {f.path: f for f in FIELDS}
     assert by_path["network.network_dim"][:4] == ("network.network_dim", "Rank (network_dim)", "int", None)
     assert by_path["optim.lr_scheduler"].choices == C.LR_SCHEDULERS
-    assert by_path["training.seed"].optional and not by_path["training.max_train_epochs"].optional
-    assert by_path["dataset.trigger_words"].widget == "lines" and by_path["optim.optimizer_args"].widget == "kv"
+    assert by_path["training.seed"].optional
+    assert not by_path["training.max_train_epochs"].optional
+    assert by_path["dataset.trigger_words"].widget == "lines"
+    assert by_path["optim.optimizer_args"].widget == "kv"
     assert by_path["dataset.resolution"].widget == "text"
 
 
@@ -848,7 +885,9 @@ def test_builtin_presets():
     assert {"kohya-trainer", "quick-test", "sd15-character", "sdxl-low-vram"} <= set(PRESETS)
     assert list_presets() == list(PRESETS)
     for name, preset in PRESETS.items():
-        assert preset.name == name and preset.source == "builtin" and len(preset.description) > 20
+        assert preset.name == name
+        assert preset.source == "builtin"
+        assert len(preset.description) > 20
         # a preset leaves only the dataset folder to fill in
         assert [e.field for e in preset.config.errors()] == ["dataset.train_data_dir"], name
         cfg = load_preset(name)
@@ -864,7 +903,8 @@ def test_kohya_trainer_preset_values():
     assert (cfg.optim.unet_lr, cfg.optim.text_encoder_lr) == (1e-4, 5e-5)
     assert (cfg.optim.lr_scheduler, cfg.optim.lr_warmup_steps) == ("constant", 0)
     assert (cfg.training.train_batch_size, cfg.training.max_train_epochs, cfg.training.max_train_steps) == (6, 10, None)
-    assert cfg.dataset.resolution == 512 and cfg.dataset.enable_bucket
+    assert cfg.dataset.resolution == 512
+    assert cfg.dataset.enable_bucket
     assert (cfg.dataset.min_bucket_reso, cfg.dataset.max_bucket_reso) == (256, 1024)
     assert (cfg.dataset.caption_extension, cfg.dataset.shuffle_caption, cfg.dataset.keep_tokens) == (".txt", True, 0)
     assert (cfg.dataset.max_token_length, cfg.training.clip_skip) == (225, 2)
@@ -879,14 +919,19 @@ def test_kohya_trainer_preset_values():
 
 def test_practical_presets():
     quick = load_preset("quick-test")
-    assert quick.training.max_train_steps == 10 and quick.network.network_dim == 4 and quick.save.overwrite
+    assert quick.training.max_train_steps == 10
+    assert quick.network.network_dim == 4
+    assert quick.save.overwrite
     char = load_preset("sd15-character")
     assert (char.network.network_dim, char.network.network_alpha) == (16, 8.0)
     assert (char.optim.optimizer_type, char.optim.lr_scheduler, char.optim.learning_rate) == ("AdamW", "cosine", 1e-4)
     xl = load_preset("sdxl-low-vram")
     assert (xl.network.network_dim, xl.optim.optimizer_type, xl.training.train_batch_size) == (8, "Adafactor", 1)
-    assert xl.training.gradient_checkpointing and xl.dataset.cache_latents and xl.dataset.resolution == 1024
-    assert xl.training.mixed_precision in ("bf16", "fp16") and not xl.network.train_text_encoder
+    assert xl.training.gradient_checkpointing
+    assert xl.dataset.cache_latents
+    assert xl.dataset.resolution == 1024
+    assert xl.training.mixed_precision in ("bf16", "fp16")
+    assert not xl.network.train_text_encoder
     assert xl.optim.optimizer_args == {"scale_parameter": False, "relative_step": False, "warmup_init": False}
 
 
@@ -919,10 +964,12 @@ def test_user_presets(tmp_path):
 def test_unknown_and_broken_presets(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_preset("nope", tmp_path)
-    assert info.value.field == "preset" and "kohya-trainer" in info.value.message
+    assert info.value.field == "preset"
+    assert "kohya-trainer" in info.value.message
     (tmp_path / "broken.toml").write_text("[lora_train.network]\nnetwork_dim = 'x'\n", encoding="utf-8")
     with pytest.raises(ConfigError) as info:
         load_preset("broken", tmp_path)
-    assert info.value.field == "network.network_dim" and "'broken'" in info.value.message
+    assert info.value.field == "network.network_dim"
+    assert "'broken'" in info.value.message
     assert "broken" in list_presets(tmp_path)
     assert list_presets(tmp_path / "missing") == list(PRESETS)

@@ -95,7 +95,8 @@ def test_scan_kohya_layout(kohya_dir, records):
     r = items.report
     assert not r.flat
     assert set(r.subsets) == {"10_mychar", "3_style bg"}
-    assert r.subsets["10_mychar"].repeats == 10 and r.subsets["10_mychar"].image_count == 5
+    assert r.subsets["10_mychar"].repeats == 10
+    assert r.subsets["10_mychar"].image_count == 5
     skipped = {p.name for p, _ in r.skipped_folders}
     assert skipped == {"mychar_raw", "0_off"}
     assert [p.name for p in r.ignored_files] == ["stray.png"]
@@ -107,8 +108,11 @@ def test_scan_kohya_layout(kohya_dir, records):
     assert [p.name for p in r.multiline_captions] == ["f.txt"]
     assert r.other_files == 1
     text = "\n".join(rec.getMessage() for rec in records)
-    assert "mychar_raw" in text and "10_mychar_raw" in text  # tells how to rename it
-    assert "0-byte" in text and "stray.png" in text and "not UTF-8" in text
+    assert "mychar_raw" in text
+    assert "10_mychar_raw" in text
+    assert "0-byte" in text
+    assert "stray.png" in text
+    assert "not UTF-8" in text
 
     assert dataset_dirs_info(items) == {
         "10_mychar": {"n_repeats": 10, "img_count": 5},
@@ -151,13 +155,15 @@ def test_scan_flat_folder(tmp_path):
 def test_scan_errors(tmp_path):
     with pytest.raises(DatasetError) as e:
         scan_dataset(tmp_path / "missing")
-    assert "missing" in str(e.value) and "10_" in str(e.value)
+    assert "missing" in str(e.value)
+    assert "10_" in str(e.value)
 
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DatasetError) as e:
         scan_dataset(empty)
-    assert str(empty) in str(e.value) and "<repeats>_<name>" in str(e.value)
+    assert str(empty) in str(e.value)
+    assert "<repeats>_<name>" in str(e.value)
 
     bad = tmp_path / "bad"
     (bad / "5_x").mkdir(parents=True)
@@ -189,7 +195,8 @@ def test_modes_become_rgb(tmp_path):
     rgba.putdata([(255, 0, 0, 0), (255, 0, 0, 255), (255, 0, 0, 128), (0, 0, 255, 255)])
     rgba.save(tmp_path / "rgba.png")
     img = load_image_rgb(tmp_path / "rgba.png")
-    assert img.mode == "RGB" and img.size == (4, 1)
+    assert img.mode == "RGB"
+    assert img.size == (4, 1)
     assert px(img, (0, 0)) == WHITE  # transparent -> background
     assert px(img, (1, 0)) == RED
     assert close(px(img, (2, 0)), (255, 127, 127), 1)  # half red over white
@@ -252,18 +259,21 @@ def test_exif_orientation(tmp_path, orientation, top, bottom):
     out = load_image_rgb(path)
     if orientation == 3:  # 180 degrees: blue left, red right
         assert out.size == read_image_size(path) == (64, 32)
-        assert close(px(out, (8, 16)), BLUE, 12) and close(px(out, (56, 16)), RED, 12)
+        assert close(px(out, (8, 16)), BLUE, 12)
+        assert close(px(out, (56, 16)), RED, 12)
         return
     # 6: rotate 90 clockwise to display (the left edge goes to the top); 8: counter-clockwise
     assert out.size == read_image_size(path) == (32, 64)
-    assert close(px(out, (16, 8)), top, 12) and close(px(out, (16, 56)), bottom, 12)
+    assert close(px(out, (16, 8)), top, 12)
+    assert close(px(out, (16, 56)), bottom, 12)
 
 
 def test_broken_files_raise_dataset_error(tmp_path):
     (tmp_path / "junk.png").write_bytes(b"this is not a png at all" * 10)
     with pytest.raises(DatasetError) as e:
         load_image_rgb(tmp_path / "junk.png")
-    assert "junk.png" in str(e.value) and "remove it" in str(e.value)
+    assert "junk.png" in str(e.value)
+    assert "remove it" in str(e.value)
     with pytest.raises(DatasetError):
         read_image_size(tmp_path / "junk.png")
 
@@ -278,7 +288,8 @@ def test_broken_files_raise_dataset_error(tmp_path):
         assert read_image_size(path) == (64, 64)  # the header is fine ...
         with pytest.raises(DatasetError) as e:  # ... the pixels are not
             load_image_rgb(path)
-        assert path.name in str(e.value) and "truncated" in str(e.value)
+        assert path.name in str(e.value)
+        assert "truncated" in str(e.value)
 
     with pytest.raises(DatasetError) as e:
         load_image_rgb(tmp_path / "nope.png")
@@ -287,34 +298,43 @@ def test_broken_files_raise_dataset_error(tmp_path):
     save(tmp_path / "big.png", (20, 10))
     with pytest.raises(DatasetError) as e:
         load_image_rgb(tmp_path / "big.png", max_pixels=199)
-    assert "big.png" in str(e.value) and "199" in str(e.value)
+    assert "big.png" in str(e.value)
+    assert "199" in str(e.value)
     assert load_image_rgb(tmp_path / "big.png", max_pixels=200).size == (20, 10)
 
 
 def test_resize_and_crop():
     img = two_colour((200, 100))
     out, (top, left), original = resize_and_crop(img, 64, 64)
-    assert out.size == (64, 64) and original == (100, 200)
+    assert out.size == (64, 64)
+    assert original == (100, 200)
     assert (top, left) == (0, 32)  # resized to 128x64, centre crop
     arr = np.asarray(out)
-    assert close(arr[32, 2], RED) and close(arr[32, 61], BLUE)
+    assert close(arr[32, 2], RED)
+    assert close(arr[32, 61], BLUE)
 
     tall = Image.new("RGB", (50, 150), GREEN)
     out, (top, left), original = resize_and_crop(tall, 64, 32)
-    assert out.size == (64, 32) and (top, left) == (80, 0) and original == (150, 50)
+    assert out.size == (64, 32)
+    assert (top, left) == (80, 0)
+    assert original == (150, 50)
 
     a = [resize_and_crop(img, 64, 64, "random", random.Random(s))[1] for s in range(20)]
     b = [resize_and_crop(img, 64, 64, "random", random.Random(s))[1] for s in range(20)]
-    assert a == b and len(set(a)) > 1 and all(t == 0 and 0 <= left_ <= 64 for t, left_ in a)
+    assert a == b
+    assert len(set(a)) > 1
+    assert all(t == 0 and 0 <= left_ <= 64 for t, left_ in a)
 
     # kohya no-upscale: crop without resizing
     out, (top, left), _ = resize_and_crop(img, 192, 96, resized_size=(200, 100))
-    assert out.size == (192, 96) and (top, left) == (2, 4)
-    with pytest.raises(ValueError):
+    assert out.size == (192, 96)
+    assert (top, left) == (2, 4)
+    with pytest.raises(ValueError, match=r"crop must be 'center' or 'random', not 'sideways'"):
         resize_and_crop(img, 64, 64, "sideways")
 
     t = pil_to_tensor(Image.new("RGB", (2, 2), (255, 0, 128)))
-    assert t.shape == (3, 2, 2) and t.dtype == torch.float32
+    assert t.shape == (3, 2, 2)
+    assert t.dtype == torch.float32
     assert t[:, 0, 0].tolist() == pytest.approx([1.0, -1.0, 128 / 127.5 - 1], abs=1e-6)
 
 
@@ -374,8 +394,10 @@ def test_batch_contents(mixed_dir):
         bw, bh = batch["bucket"]
         n = len(indices)
         assert batch["indices"] == indices
-        assert batch["pixels"].shape == (n, 3, bh, bw) and batch["pixels"].dtype == torch.float32
-        assert batch["pixels"].min() >= -1 and batch["pixels"].max() <= 1
+        assert batch["pixels"].shape == (n, 3, bh, bw)
+        assert batch["pixels"].dtype == torch.float32
+        assert batch["pixels"].min() >= -1
+        assert batch["pixels"].max() <= 1
         assert "latents" not in batch
         assert batch["keys"] == [items[i].key for i in indices]
         assert batch["captions"] == [items[i].caption for i in indices]
@@ -389,8 +411,9 @@ def test_batch_contents(mixed_dir):
             assert torch.allclose(batch["pixels"][j].mean(dim=(1, 2)), expected, atol=0.02)
     wide = ds.load_batch([next(i for i, it in enumerate(items) if it.subset_name == "4_wide")])
     # 96x48 -> 96x48 covers the 80x48 bucket: centre crop removes 8 columns on the left
-    assert wide["bucket"] == (80, 48) and wide["crop_top_lefts"] == [(0, 8)]
-    with pytest.raises(ValueError):
+    assert wide["bucket"] == (80, 48)
+    assert wide["crop_top_lefts"] == [(0, 8)]
+    with pytest.raises(ValueError, match=r"batch mixes buckets"):
         ds.load_batch([0, len(items) - 1])  # different buckets
     with pytest.raises(IndexError):
         ds[len(ds)]
@@ -418,7 +441,8 @@ def test_flip_and_random_crop_are_deterministic(tmp_path):
 
     ds = TrainDataset(items, settings, random_crop=True, seed=5)
     crops = [b["crop_top_lefts"][0] for b in ds.iter_epoch(0)]
-    assert len(set(crops)) > 1 and all(t == 0 and 0 <= left <= 32 for t, left in crops)
+    assert len(set(crops)) > 1
+    assert all(t == 0 and 0 <= left <= 32 for t, left in crops)
     assert crops == [
         b["crop_top_lefts"][0] for b in TrainDataset(items, settings, random_crop=True, seed=5).iter_epoch(0)
     ]
@@ -435,14 +459,16 @@ def test_resume_skips_without_decoding(mixed_dir, monkeypatch):
     assert len(calls) == sum(len(b) for b in ds.batches_for_epoch(2)[5:])
     assert len(resumed) == len(full) - 5
     for a, b in zip(full[5:], resumed, strict=True):
-        assert a["keys"] == b["keys"] and a["flipped"] == b["flipped"]
+        assert a["keys"] == b["keys"]
+        assert a["flipped"] == b["flipped"]
         assert torch.equal(a["pixels"], b["pixels"])
 
 
 def test_dataloader_and_fixed_mode(mixed_dir):
     items = scan_dataset(mixed_dir)
     ds = TrainDataset(items, BucketSettings(resolution=(32, 32), enable_bucket=False), batch_size=4, seed=0)
-    assert ds.buckets == [(32, 32)] and len(ds) == 7
+    assert ds.buckets == [(32, 32)]
+    assert len(ds) == 7
     ds.set_epoch(1)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False)
     batches = list(loader)

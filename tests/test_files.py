@@ -267,7 +267,9 @@ def test_save_load_round_trip(tmp_path, dtype, expected):
         assert loaded[key].shape == value.shape
         assert torch.equal(loaded[key], value.to(expected))
     alpha = loaded["lora_unet_down_blocks_0_attentions_0_proj_in.alpha"]
-    assert alpha.dim() == 0 and alpha.dtype == expected and alpha.item() == 1.0
+    assert alpha.dim() == 0
+    assert alpha.dtype == expected
+    assert alpha.item() == 1.0
     assert {k: v for k, v in loaded_meta.items() if not k.startswith("sshs_")} == meta
     cast = {k: v.to(expected) for k, v in sd.items()}
     assert (loaded_meta["sshs_model_hash"], loaded_meta["sshs_legacy_hash"]) == hashes.compute_hashes(cast, meta)
@@ -292,7 +294,8 @@ def test_save_accepts_gpu_style_inputs(tmp_path):
     sd["lora_unet_y.lora_down.weight"] = torch.zeros(2, 3, requires_grad=True)
     path = lora_file.save_lora(tmp_path / "a.safetensors", sd, {"ss_x": None, "ss_j": {"a": 1}})
     loaded, meta = lora_file.load_lora(path)
-    assert meta["ss_x"] == "None" and json.loads(meta["ss_j"]) == {"a": 1}
+    assert meta["ss_x"] == "None"
+    assert json.loads(meta["ss_j"]) == {"a": 1}
     assert torch.equal(loaded["lora_unet_y.lora_down.weight"], torch.zeros(2, 3, dtype=torch.float16))
 
 
@@ -507,10 +510,13 @@ def assert_same(a, b, where="state"):
     """Strict structural equality: same types (tuple vs list, int vs float), same dtypes and values."""
     assert type(a) is type(b), f"{where}: {type(a)} != {type(b)}"
     if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert a.dtype == b.dtype, where
+        assert a.shape == b.shape, where
         assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())), where
     elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), where
+        assert a.dtype == b.dtype, where
+        assert a.shape == b.shape, where
+        assert np.array_equal(a, b), where
     elif isinstance(a, dict):
         assert list(a.keys()) == list(b.keys()), where
         for (ka, va), kb in zip(a.items(), b.keys(), strict=True):
@@ -569,7 +575,8 @@ def test_flatten_round_trip_optimizer_scheduler_rng(tmp_path):
     restored, info = resume_state.load_state(tmp_path / "resume")
     assert info == {"epoch": 1}
     assert_same(restored, state)
-    assert isinstance(restored["optimizer"]["state"], dict) and 0 in restored["optimizer"]["state"]
+    assert isinstance(restored["optimizer"]["state"], dict)
+    assert 0 in restored["optimizer"]["state"]
     assert isinstance(restored["optimizer"]["param_groups"][0]["betas"], tuple)
     assert isinstance(restored["model"], collections.OrderedDict)
 
@@ -627,7 +634,7 @@ def test_flatten_refuses_what_would_need_pickle():
 def test_unflatten_rejects_bad_skeleton():
     with pytest.raises(ValueError, match="missing"):
         resume_state.unflatten_tensors({}, {"$tensor": "t0"})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"malformed state skeleton node"):
         resume_state.unflatten_tensors({}, {"what": 1})
 
 
@@ -642,16 +649,18 @@ def test_state_pair_is_committed_by_the_json(tmp_path, monkeypatch):
         return real(path, chunks, overwrite=overwrite)
 
     monkeypatch.setattr(resume_state, "atomic_write_bytes", fail_on_json)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match=r"disk full"):
         resume_state.save_state_dict_and_json(directory, {"a": torch.zeros(3)}, {"step": 2})
     monkeypatch.undo()
     tensors, info = resume_state.load_state_dict_and_json(directory)
-    assert info == {"step": 1} and torch.equal(tensors["a"], torch.ones(3))
+    assert info == {"step": 1}
+    assert torch.equal(tensors["a"], torch.ones(3))
     assert len(list(directory.glob("state-*.safetensors"))) == 1  # the orphan was removed
 
     resume_state.save_state_dict_and_json(directory, {"a": torch.zeros(3)}, {"step": 3})
     tensors, info = resume_state.load_state_dict_and_json(directory)
-    assert info == {"step": 3} and torch.equal(tensors["a"], torch.zeros(3))
+    assert info == {"step": 3}
+    assert torch.equal(tensors["a"], torch.zeros(3))
     assert sorted(p.name for p in directory.iterdir() if not p.name.startswith("state-")) == ["state.json"]
     assert len(list(directory.glob("state-*.safetensors"))) == 1  # the old tensors file is gone
 

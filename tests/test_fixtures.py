@@ -210,9 +210,9 @@ def test_tiny_adapter_contract_and_schedule():
     assert adapter.alphas_cumprod[-1].item() == pytest.approx(0.0046, abs=2e-4)
     assert torch.equal(adapter.root.alphas_cumprod, sd_alphas_cumprod())
     assert TinyAdapter("sd2", "v_prediction").prediction_type == "v_prediction"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unknown prediction_type 'sample'"):
         TinyAdapter("sd1", "sample")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unknown family 'sd3'"):
         TinyAdapter("sd3")
 
 
@@ -272,9 +272,10 @@ def test_sdxl_size_conditioning():
     assert torch.equal(a[:, :48], b[:, :48])  # pooled text part unchanged
     # each number -> 256-dim [cos, sin] sinusoid; crop (0, 0) -> cos 1, sin 0
     crop = a[0, 48 + 512 : 48 + 1024].reshape(2, 256)
-    assert torch.allclose(crop[:, :128], torch.ones(2, 128)) and torch.allclose(crop[:, 128:], torch.zeros(2, 128))
+    assert torch.allclose(crop[:, :128], torch.ones(2, 128))
+    assert torch.allclose(crop[:, 128:], torch.zeros(2, 128))
     assert b[0, 48 + 512].item() == pytest.approx(torch.cos(torch.tensor(32.0)).item(), abs=1e-5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"1 size_cond for 2 captions"):
         adapter.encode_text(["x", "y"], size_cond=[square])
 
 
@@ -284,7 +285,7 @@ def test_clip_skip(family):
     one = adapter.encode_text(["a photo of a cat"]).context
     two = adapter.encode_text(["a photo of a cat"], clip_skip=2).context
     assert not torch.allclose(one, two)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"clip_skip must be >= 1, got 0"):
         adapter.encode_text(["x"], clip_skip=0)
     if family == "sd1":  # clip_skip 1 is HF's last_hidden_state (final layer norm applied)
         te = adapter.text_encoders["te"]
@@ -314,12 +315,15 @@ def test_gradients_reach_unet_and_text_encoders(family):
     a = adapter.alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
     out = adapter.predict(noisy, t, cond)
-    assert out.shape == latents.shape and out.dtype == torch.float32
+    assert out.shape == latents.shape
+    assert out.dtype == torch.float32
     torch.nn.functional.mse_loss(out, noise).backward()
 
-    assert unet_param.grad is not None and unet_param.grad.abs().sum() > 0
+    assert unet_param.grad is not None
+    assert unet_param.grad.abs().sum() > 0
     for name, p in te_params.items():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
 
 
 def test_half_precision_runs_on_cpu():
@@ -344,7 +348,7 @@ def test_cross_attention_is_plain_softmax_attention():
 def test_predict_rejects_missing_vector():
     adapter = _adapter("sdxl")
     cond = adapter.encode_text(["x"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"y must be given exactly when the model has adm_in_channels \(SDXL\)"):
         adapter.unet(torch.zeros(1, 4, 8, 8), torch.tensor([1]), cond.context)
 
 
@@ -357,7 +361,8 @@ BOS, EOS = 49406, 49407
 
 def test_chunk_short_caption_layout():
     ids = chunk_token_ids([[5, 6, 7]], bos_id=BOS, eos_id=EOS)
-    assert ids.shape == (1, 1, WINDOW_LENGTH) and ids.dtype == torch.long
+    assert ids.shape == (1, 1, WINDOW_LENGTH)
+    assert ids.dtype == torch.long
     assert ids[0, 0].tolist() == [BOS, 5, 6, 7] + [EOS] * 73
     open_clip = chunk_token_ids([[5, 6, 7]], bos_id=BOS, eos_id=EOS, pad_id=0)
     assert open_clip[0, 0].tolist() == [BOS, 5, 6, 7, EOS] + [0] * 72
@@ -390,9 +395,9 @@ def test_chunk_batch_uses_longest_caption():
 def test_num_chunks_validates():
     assert [num_chunks(n) for n in (75, 150, 225)] == [1, 2, 3]
     for bad in (0, 76, 100, -75):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=rf"max_token_length must be a positive multiple of 75, got {bad}$"):
             num_chunks(bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"max_token_length must be a positive multiple of 75, got 77"):
         chunk_token_ids([[1]], bos_id=BOS, eos_id=EOS, max_token_length=77)
 
 
@@ -421,7 +426,8 @@ def test_toy_tokenizer_is_stable():
     tok = ToyTokenizer()
     ids = tok.encode("A photo, of a Cat!")
     assert ids == tok.encode("a photo , of a cat !")
-    assert len(ids) == 7 and all(1 <= i < tok.bos_id for i in ids)
+    assert len(ids) == 7
+    assert all(1 <= i < tok.bos_id for i in ids)
     assert ids[0] == ids[4]
     assert (tok.bos_id, tok.eos_id) == (998, 999)
     assert CHUNK_LENGTH == 75

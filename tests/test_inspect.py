@@ -105,15 +105,19 @@ def test_golden_layout_with_our_metadata(tmp_path, fake_naming, family, conv):
         linear = members - (n_conv3 if group == "unet" else 0)
         assert rows(report, group, "linear") == [(RANK, ALPHA, linear)]
     assert rows(report, "unet", "conv") == ([(CONV_RANK, CONV_ALPHA, n_conv3)] if conv else [])
-    assert report["unplaced_key_count"] == 0 and report["incomplete_modules"] == []
+    assert report["unplaced_key_count"] == 0
+    assert report["incomplete_modules"] == []
     check = report["kohya_name_check"]
-    assert check["checked"] and check["not_kohya_count"] == 0 and check["present"] == report["module_count"]
+    assert check["checked"]
+    assert check["not_kohya_count"] == 0
+    assert check["present"] == report["module_count"]
     assert report["hashes"]["model_hash_matches"] is True
     md = report["metadata"]
     assert md["output_name"] == f"{family}_lora"
     assert md["training_comment"] == "mychar"
     assert (md["steps"], md["epoch"]) == ("100", "2")
-    assert md["tag_count"] == 3 and md["top_tags"][0] == ["mychar", 8]
+    assert md["tag_count"] == 3
+    assert md["top_tags"][0] == ["mychar", 8]
     assert report["warnings"] == []
     json.dumps(report)
 
@@ -164,7 +168,8 @@ def test_family_rules_one_at_a_time(tmp_path):
     # SD2: the text encoder's depth alone (a type whose tensors don't show the width)
     sd = {"lora_te_text_model_encoder_layers_22_mlp_fc1.lokr_w1": torch.zeros(8, 8)}
     report = inspect_lora(save_plain(tmp_path / "c.safetensors", sd))
-    assert report["family"] == "sd2" and "layer 22" in report["family_source"]
+    assert report["family"] == "sd2"
+    assert "layer 22" in report["family_source"]
     # SD1: width 768
     sd = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 768)}
     assert inspect_lora(save_plain(tmp_path / "d.safetensors", sd))["family"] == "sd1"
@@ -220,7 +225,8 @@ def test_kohya_name_check_flags_foreign_modules(tmp_path, fake_naming):
     report = inspect_lora(save_plain(tmp_path / "f.safetensors", sd, {"ss_base_model_version": "sd_v1"}))
     check = report["kohya_name_check"]
     assert check["checked"] is True
-    assert check["not_kohya"] == ["lora_unet_conv_in"] and check["not_kohya_count"] == 1
+    assert check["not_kohya"] == ["lora_unet_conv_in"]
+    assert check["not_kohya_count"] == 1
     assert "not kohya targets: lora_unet_conv_in" in format_report(report)
 
 
@@ -370,7 +376,10 @@ def test_cli_table_and_json(tmp_path, capsys):
     )
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "LoCon" in out and "sd1" in out and "cli_lora" in out and "matches the data" in out
+    assert "LoCon" in out
+    assert "sd1" in out
+    assert "cli_lora" in out
+    assert "matches the data" in out
     assert main(["inspect", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == inspect_lora(path)
 
@@ -380,7 +389,8 @@ def test_cli_errors(tmp_path, capsys):
     bad.write_bytes(b"\x00" * 3)
     assert main(["inspect", str(bad)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: bad.safetensors") and err.count("\n") == 1
+    assert err.startswith("error: bad.safetensors")
+    assert err.count("\n") == 1
     assert main(["inspect", str(tmp_path / "missing.safetensors")]) == 1
     assert "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
@@ -406,5 +416,6 @@ def test_cli_subprocess_exit_codes(tmp_path):
     assert json.loads(ok.stdout)["family"] == "sd1"
     refused = run("inspect", str(pickle))
     assert refused.returncode == 1
-    assert refused.stderr.startswith("error: p.pt") and "pickle" in refused.stderr.lower()
+    assert refused.stderr.startswith("error: p.pt")
+    assert "pickle" in refused.stderr.lower()
     assert refused.stdout == ""

@@ -81,7 +81,8 @@ def test_unknown_version_counts_as_present():
 def test_skip_install_does_nothing():
     launch = FakeLaunch(missing={"toml", "prodigyopt"}, skip_install=True)
     assert run(launch) == []
-    assert launch.pip_calls == [] and launch.checked == []
+    assert launch.pip_calls == []
+    assert launch.checked == []
 
 
 def test_never_touches_the_webui_pins():
@@ -89,7 +90,9 @@ def test_never_touches_the_webui_pins():
     run(launch, versions={}, cuda=True)
     assert len(launch.pip_calls) == 4
     for call in launch.pip_calls:
-        assert call.startswith("install ") and "--upgrade" not in call and "==" not in call
+        assert call.startswith("install ")
+        assert "--upgrade" not in call
+        assert "==" not in call
         for pinned in ("torch", "gradio", "transformers", "numpy"):
             assert pinned not in call.replace("lion-pytorch", "")
 
@@ -116,6 +119,6 @@ def test_run_as_the_webui_runs_it(monkeypatch):
     assert launch.pip_calls == []
 
 
-@pytest.mark.parametrize("text,expected", [("0.10.2", (0, 10, 2)), ("1.1.2rc1", (1, 1, 2)), ("2.0.0+cu118", (2, 0, 0))])
+@pytest.mark.parametrize(("text", "expected"), [("0.10.2", (0, 10, 2)), ("1.1.2rc1", (1, 1, 2)), ("2.0.0+cu118", (2, 0, 0))])
 def test_version_parsing(text, expected):
     assert load_install()._version_tuple(text) == expected

@@ -24,11 +24,14 @@ def test_job_runs_publishes_and_reports(tmp_path):
     status = job.to_dict()
     assert status["state"] == "done", status["error"]
     assert status["step"] == status["total_steps"] == 6
-    assert len(status["losses"]) == 6 and status["eta_s"] == 0
+    assert len(status["losses"]) == 6
+    assert status["eta_s"] == 0
     assert host.published == [host.lora_dir / "tiny.safetensors"]
     assert status["output_file"] == str(host.lora_dir / "tiny.safetensors")
-    assert ("start", job.id) in host.events and host.events[-1] == ("end", "done")
-    assert manager.list() == [job] and manager.current() is None
+    assert ("start", job.id) in host.events
+    assert host.events[-1] == ("end", "done")
+    assert manager.list() == [job]
+    assert manager.current() is None
 
 
 def test_one_job_at_a_time_and_cancel_keeps_what_was_trained(tmp_path):
@@ -49,12 +52,15 @@ def test_one_job_at_a_time_and_cancel_keeps_what_was_trained(tmp_path):
         manager.start(config(tmp_path))
     assert gate.wait(60)
     manager.wait(job.id, timeout=120)
-    assert job.state == "stopped" and job.step == 2
-    assert job.output_file and host.published
+    assert job.state == "stopped"
+    assert job.step == 2
+    assert job.output_file
+    assert host.published
     assert (host.work_dir / "states" / "tiny" / "state.json").is_file()  # resumable
     resumed = manager.start(config(tmp_path, **{"training.max_train_steps": 50}), resume=True)
     manager.wait(resumed.id, timeout=300)
-    assert resumed.state == "done" and resumed.step == 50
+    assert resumed.state == "done"
+    assert resumed.step == 50
     assert resumed.output_file == job.output_file  # the stopped run's file is finished, not copied
 
 
@@ -63,7 +69,9 @@ def test_webui_interrupt_stops_the_job(tmp_path):
     host.interrupt = True
     manager = JobManager(host)
     job = manager.wait(manager.start(config(tmp_path)).id, timeout=60)
-    assert job.state == "stopped" and job.output_file is None and not host.published
+    assert job.state == "stopped"
+    assert job.output_file is None
+    assert not host.published
 
 
 def test_file_that_does_not_fully_load_is_a_failure(tmp_path):
@@ -71,8 +79,11 @@ def test_file_that_does_not_fully_load_is_a_failure(tmp_path):
     host.verify_lora = lambda path: ["lora_unet_nowhere"]
     manager = JobManager(host)
     job = manager.wait(manager.start(config(tmp_path)).id, timeout=60)
-    assert job.state == "failed" and "does not fully load" in job.error and "lora_unet_nowhere" in job.error
-    assert not host.published and job.output_file is None
+    assert job.state == "failed"
+    assert "does not fully load" in job.error
+    assert "lora_unet_nowhere" in job.error
+    assert not host.published
+    assert job.output_file is None
 
 
 def test_errors_before_start(tmp_path):
@@ -100,7 +111,8 @@ def test_crash_inside_training_is_reported_and_host_keeps_working(tmp_path):
     original = host.adapter.predict
     host.adapter.predict = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA out of memory. Tried to allocate"))
     job = manager.wait(manager.start(config(tmp_path)).id, timeout=60)
-    assert job.state == "failed" and "out of GPU memory" in job.error
+    assert job.state == "failed"
+    assert "out of GPU memory" in job.error
     host.adapter.predict = original
     again = manager.wait(manager.start(config(tmp_path)).id, timeout=60)
     assert again.state == "done"

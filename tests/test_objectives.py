@@ -32,7 +32,8 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def test_scaled_linear_schedule_matches_closed_form(ac):
-    assert ac.shape == (T,) and ac.dtype == torch.float32
+    assert ac.shape == (T,)
+    assert ac.dtype == torch.float32
     assert ac[0].item() == pytest.approx(1 - 0.00085, rel=1e-7)
     expected = torch.tensor(AC_PY, dtype=torch.float64)
     torch.testing.assert_close(ac.double(), expected, rtol=1e-6, atol=0)
@@ -47,10 +48,12 @@ def test_sample_timesteps_reproducible_and_in_range():
     a = obj.sample_timesteps(64, _gen(1))
     b = obj.sample_timesteps(64, _gen(1))
     c = obj.sample_timesteps(64, _gen(2))
-    assert a.dtype == torch.long and a.shape == (64,)
+    assert a.dtype == torch.long
+    assert a.shape == (64,)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
-    assert int(a.min()) >= 0 and int(a.max()) < T
+    assert int(a.min()) >= 0
+    assert int(a.max()) < T
 
 
 def test_sample_timesteps_respects_min_max_exclusive():
@@ -62,17 +65,20 @@ def test_sample_timesteps_respects_min_max_exclusive():
     assert int(t.max()) < 10
 
 
+RANGE_ERROR = r"need 0 <= min_timestep <= max_timestep <= num_train_timesteps"
+
+
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "match"),
     [
-        {"min_timestep": -1},
-        {"min_timestep": 10, "max_timestep": 5},
-        {"max_timestep": 1001},
-        {"min_timestep": 1000, "max_timestep": 1000},
+        ({"min_timestep": -1}, RANGE_ERROR),
+        ({"min_timestep": 10, "max_timestep": 5}, RANGE_ERROR),
+        ({"max_timestep": 1001}, RANGE_ERROR),
+        ({"min_timestep": 1000, "max_timestep": 1000}, r"timestep 1000 is out of range for 1000 train timesteps"),
     ],
 )
-def test_sample_timesteps_rejects_bad_ranges(kwargs):
-    with pytest.raises(ValueError):
+def test_sample_timesteps_rejects_bad_ranges(kwargs, match):
+    with pytest.raises(ValueError, match=match):
         obj.sample_timesteps(2, _gen(0), **kwargs)
 
 
@@ -89,7 +95,8 @@ def test_sample_noise_reproducible_shape_dtype():
     latents = torch.zeros(2, 4, 8, 8)
     a = obj.sample_noise(latents, _gen(3))
     b = obj.sample_noise(latents, _gen(3))
-    assert a.shape == latents.shape and a.dtype == latents.dtype
+    assert a.shape == latents.shape
+    assert a.dtype == latents.dtype
     assert torch.equal(a, b)
     assert not torch.equal(a, obj.sample_noise(latents, _gen(4)))
     # the seed gives the same numbers whatever the latents' dtype
@@ -196,9 +203,9 @@ def test_loss_per_sample_values_weights_and_dtype():
     torch.testing.assert_close(loss, torch.tensor([2.0, 9.0]))
     weighted = obj.loss_per_sample(pred, target, torch.tensor([0.5, 2.0]))
     torch.testing.assert_close(weighted, torch.tensor([1.0, 18.0]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"pred shape \(2, 3, 2, 2\) != target shape \(1, 3, 2, 2\)"):
         obj.loss_per_sample(pred, target[:1])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"weights shape \(3,\) does not match batch \(2,\)"):
         obj.loss_per_sample(pred, target, torch.ones(3))
 
 
@@ -216,7 +223,8 @@ def test_min_snr_weights_hand_computed(ac):
     gamma = 5.0
     eps = obj.min_snr_weight(ts, ac, gamma, v_prediction=False)
     v = obj.min_snr_weight(ts, ac, gamma, v_prediction=True)
-    assert eps.dtype == torch.float32 and eps.shape == (4,)
+    assert eps.dtype == torch.float32
+    assert eps.shape == (4,)
     for i, t in enumerate(ts.tolist()):
         a = AC_PY[t]
         s = a / (1 - a)
@@ -236,7 +244,7 @@ def test_min_snr_zero_terminal_snr_and_bad_gamma():
     assert torch.isfinite(w).all()
     torch.testing.assert_close(w, torch.tensor([5.0 / 9.0, 1.0, 1.0]))
     torch.testing.assert_close(obj.min_snr_weight(torch.tensor([2]), ac, 5.0, v_prediction=True), torch.tensor([0.0]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"min-SNR gamma must be > 0, got 0\.0"):
         obj.min_snr_weight(torch.tensor([0]), ac, 0.0)
 
 

@@ -36,12 +36,14 @@ def assert_model_unchanged(adapter, snapshot):
     now_tensors, now_flags, now_modes = model_snapshot(adapter)
     assert now_tensors.keys() == tensors.keys()
     for k, v in tensors.items():
-        assert now_tensors[k].dtype == v.dtype and torch.equal(now_tensors[k], v), k
+        assert now_tensors[k].dtype == v.dtype, k
+        assert torch.equal(now_tensors[k], v), k
     assert now_flags == flags
     assert now_modes == modes
     for m in [adapter.unet, *adapter.text_encoders.values()]:
         for name, sub in m.named_modules():
-            assert not sub._forward_hooks and not sub._forward_pre_hooks, name
+            assert not sub._forward_hooks, name
+            assert not sub._forward_pre_hooks, name
             assert "forward" not in sub.__dict__, name
         assert all(p.grad is None for p in m.parameters())
 
@@ -56,7 +58,8 @@ def fixed_eval_loss(adapter, cfg, lora_path=None, draws=12):
     if lora_path is not None:
         state, _ = load_lora(lora_path)
         network, unplaced = network_from_weights(state, adapter.family, adapter.unet, adapter.text_encoders)
-        assert unplaced == [] and len(network.state_dict()) == len(state)
+        assert unplaced == []
+        assert len(network.state_dict()) == len(state)
         network.eval()
     gen = torch.Generator().manual_seed(99)
     alphas = adapter.alphas_cumprod.float()
@@ -80,7 +83,7 @@ def fixed_eval_loss(adapter, cfg, lora_path=None, draws=12):
 
 
 @pytest.mark.parametrize(
-    "family, prediction, conv_dim, lr",
+    ("family", "prediction", "conv_dim", "lr"),
     [("sd1", "epsilon", 0, 3e-3), ("sd2", "v_prediction", 0, 3e-3), ("sdxl", "epsilon", 4, 1e-2)],
 )
 def test_loss_falls_on_tiny_overfit_task_and_model_is_untouched(tmp_path, family, prediction, conv_dim, lr):
@@ -92,8 +95,10 @@ def test_loss_falls_on_tiny_overfit_task_and_model_is_untouched(tmp_path, family
     snapshot = model_snapshot(adapter)
     result = train(cfg, adapter, work_dir=tmp_path / "work")
     assert_model_unchanged(adapter, snapshot)
-    assert result.steps == 60 and not result.stopped_early
-    assert result.output_path == tmp_path / "out" / "tiny.safetensors" and result.output_path.is_file()
+    assert result.steps == 60
+    assert not result.stopped_early
+    assert result.output_path == tmp_path / "out" / "tiny.safetensors"
+    assert result.output_path.is_file()
     after = fixed_eval_loss(adapter, cfg, result.output_path)
     assert after < 0.8 * before, (before, after)
     assert fixed_eval_loss(adapter, cfg) == pytest.approx(before)  # file applied only inside the check
@@ -109,8 +114,10 @@ def test_saved_file_keys_metadata_and_family(tmp_path):
     assert all(v.dtype == torch.float16 for v in state.values())
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert meta["ss_network_module"] == "networks.lora"
-    assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 4.0
-    assert meta["ss_steps"] == "6" and meta["ss_output_name"] == "tiny"
+    assert meta["ss_network_dim"] == "4"
+    assert float(meta["ss_network_alpha"]) == 4.0
+    assert meta["ss_steps"] == "6"
+    assert meta["ss_output_name"] == "tiny"
     assert meta["ss_num_train_images"] == "4"  # 2 images x 2 repeats
     assert "sks" in meta["ss_training_comment"]
     assert '"subject"' in meta["ss_tag_frequency"] or "subject" in meta["ss_tag_frequency"]
@@ -123,7 +130,8 @@ def test_never_overwrites_unless_told(tmp_path):
     first = train(cfg, adapter, work_dir=tmp_path / "work").output_path
     original = first.read_bytes()
     second = train(cfg, adapter, work_dir=tmp_path / "work").output_path
-    assert second != first and second.name == "tiny_1.safetensors"
+    assert second != first
+    assert second.name == "tiny_1.safetensors"
     assert first.read_bytes() == original
     cfg.save.overwrite = True
     third = train(cfg, adapter, work_dir=tmp_path / "work").output_path
@@ -183,7 +191,9 @@ def test_resume_continues_exactly(tmp_path, family, one_thread):
     cfg = make_config(tmp_path / "b", **overrides)
     stopper = StopAfter(3)
     partial = train(cfg, TinyAdapter(family), stopper, work_dir=tmp_path / "b" / "work")
-    assert partial.stopped_early and partial.steps == 3 and partial.state_dir is not None
+    assert partial.stopped_early
+    assert partial.steps == 3
+    assert partial.state_dir is not None
     _, meta = load_lora(partial.output_path)
     assert meta["lora_train.stopped_early"] == "True"
     resumed = train(cfg, TinyAdapter(family), work_dir=tmp_path / "b" / "work", resume=True)
@@ -195,7 +205,8 @@ def test_resume_continues_exactly(tmp_path, family, one_thread):
     assert resumed.losses == full.losses
     a, _ = load_lora(full.output_path)
     b, _ = load_lora(resumed.output_path)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_changed_settings(tmp_path):
@@ -211,7 +222,8 @@ def test_progress_callback_reports_step_lr_and_eta(tmp_path):
     train(make_config(tmp_path, **{"optim.lr_scheduler": "linear"}), TinyAdapter("sd1"), cb, work_dir=tmp_path / "w")
     assert [i.step for i in cb.infos] == list(range(1, 7))
     assert all(i.total_steps == 6 for i in cb.infos)
-    assert cb.infos[-1].eta_s == 0 and cb.infos[0].steps_per_s > 0
+    assert cb.infos[-1].eta_s == 0
+    assert cb.infos[0].steps_per_s > 0
     assert set(cb.infos[0].lrs) == {"unet", "text_encoder"}
     assert cb.infos[0].lrs["unet"] > cb.infos[-1].lrs["unet"]  # linear decay
     assert [i.epoch for i in cb.infos] == [1, 1, 1, 1, 2, 2]  # 4 batches per epoch
@@ -233,22 +245,25 @@ def test_unet_only_writes_no_text_encoder_keys(tmp_path):
         make_config(tmp_path, **{"network.train_text_encoder": False}), TinyAdapter("sd2"), work_dir=tmp_path / "w"
     )
     state, _ = load_lora(result.output_path)
-    assert state and all(k.startswith("lora_unet_") for k in state)
+    assert state
+    assert all(k.startswith("lora_unet_") for k in state)
 
 
 def test_text_encoder_lora_trains(tmp_path):
     result = train(make_config(tmp_path), TinyAdapter("sd2"), work_dir=tmp_path / "w")
     state, _ = load_lora(result.output_path)
     te_up = [v for k, v in state.items() if k.startswith("lora_te_") and k.endswith("lora_up.weight")]
-    assert te_up and all(v.abs().sum() > 0 for v in te_up)  # q/k/v of the fused attention included
+    assert te_up
+    assert all(v.abs().sum() > 0 for v in te_up)
     assert any("self_attn_q_proj" in k for k in state)
 
 
-@pytest.mark.parametrize("optimizer, lr", [("Lion", 1e-4), ("Prodigy", 1.0), ("Adafactor", 1e-3)])
+@pytest.mark.parametrize(("optimizer", "lr"), [("Lion", 1e-4), ("Prodigy", 1.0), ("Adafactor", 1e-3)])
 def test_other_optimizers_train(tmp_path, optimizer, lr):
     cfg = make_config(tmp_path, **{"optim.optimizer_type": optimizer, "optim.learning_rate": lr})
     result = train(cfg, TinyAdapter("sd1"), work_dir=tmp_path / "w")
-    assert result.steps == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.steps == 6
+    assert all(torch.isfinite(torch.tensor(result.losses)))
 
 
 def test_bf16_autocast_and_min_snr_and_noise_offset_run(tmp_path):
@@ -257,7 +272,8 @@ def test_bf16_autocast_and_min_snr_and_noise_offset_run(tmp_path):
         **{"training.mixed_precision": "bf16", "training.min_snr_gamma": 5.0, "training.noise_offset": 0.05},
     )
     result = train(cfg, TinyAdapter("sdxl"), work_dir=tmp_path / "w")
-    assert result.steps == 6 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.steps == 6
+    assert all(torch.isfinite(torch.tensor(result.losses)))
 
 
 def test_bad_inputs_fail_before_touching_the_model(tmp_path):
@@ -282,7 +298,8 @@ def test_half_precision_base_model_trains_in_fp32_and_is_left_bit_identical(tmp_
     cfg = make_config(tmp_path, **{"training.mixed_precision": mixed, "training.max_train_steps": 2})
     result = train(cfg, adapter, work_dir=tmp_path / "w")
     assert_model_unchanged(adapter, snapshot)
-    assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.steps == 2
+    assert all(torch.isfinite(torch.tensor(result.losses)))
     state, _ = load_lora(result.output_path)
     assert any(v.abs().sum() > 0 for k, v in state.items() if k.endswith("lora_up.weight"))
 

@@ -35,12 +35,12 @@ WIDGET_CLASSES = {
 }
 
 
-@pytest.fixture()
+@pytest.fixture
 def host(tmp_path):
     return FakeHost(tmp_path / "host")
 
 
-@pytest.fixture()
+@pytest.fixture
 def manager(host):
     jobs = JobManager(host)
     yield jobs
@@ -50,7 +50,7 @@ def manager(host):
             jobs.wait(job.id, timeout=120)
 
 
-@pytest.fixture()
+@pytest.fixture
 def actions(manager, host, tmp_path):
     return _Actions(manager, host, tmp_path / "presets")
 
@@ -94,7 +94,8 @@ def test_every_field_is_exactly_one_component_and_vice_versa(manager, host):
 
 def test_sections_show_every_group_once():
     shown = [group for section in fields.SECTIONS for group in section.groups]
-    assert sorted(shown) == sorted(GROUPS) and len(shown) == len(set(shown))
+    assert sorted(shown) == sorted(GROUPS)
+    assert len(shown) == len(set(shown))
     assert [s.title for s in fields.SECTIONS] == ["Dataset", "Network & optimizer", "Training", "Save & samples"]
     assert sum(len(fields.section_fields(s)) for s in fields.SECTIONS) == len(FIELDS)
 
@@ -138,7 +139,8 @@ def test_presets_round_trip_through_the_widgets(name):
     cfg = load_preset(name)
     cfg.dataset.train_data_dir = "/data/set"
     built, errors = fields.build_config(ui_values(cfg))
-    assert built is not None and built.to_dict() == cfg.to_dict()
+    assert built is not None
+    assert built.to_dict() == cfg.to_dict()
     assert [e.field for e in errors] == [e.field for e in cfg.errors()]
 
 
@@ -158,13 +160,16 @@ def test_every_widget_kind_round_trips():
     assert shown["dataset.resolution"] == "512,768"
     assert shown["dataset.max_token_length"] == "150"
     assert shown["dataset.trigger_words"] == "mychar\nblue hair"
-    assert shown["training.max_train_steps"] == "" and shown["save.metadata_title"] == ""
-    assert shown["training.seed"] == "7" and shown["optim.unet_lr"] == "5e-05"
+    assert shown["training.max_train_steps"] == ""
+    assert shown["save.metadata_title"] == ""
+    assert shown["training.seed"] == "7"
+    assert shown["optim.unet_lr"] == "5e-05"
     assert shown["network.network_dim"] == 16  # a required number stays a number
     built, errors = fields.build_config(values)
     assert errors == []
     assert built.to_dict() == cfg.to_dict()
-    assert built.dataset.max_token_length == 150 and built.optim.optimizer_args["betas"] == [0.9, 0.99]
+    assert built.dataset.max_token_length == 150
+    assert built.optim.optimizer_args["betas"] == [0.9, 0.99]
 
 
 def test_values_as_gradio_sends_them():
@@ -184,9 +189,12 @@ def test_values_as_gradio_sends_them():
     cfg, errors = fields.build_config(values)
     assert errors == []
     assert cfg.dataset.train_data_dir == "/data/set"
-    assert cfg.network.network_dim == 8 and isinstance(cfg.network.network_dim, int)
-    assert cfg.training.seed is None and cfg.save.output_dir is None
-    assert cfg.training.max_train_steps == 20 and cfg.optim.unet_lr == 1e-4
+    assert cfg.network.network_dim == 8
+    assert isinstance(cfg.network.network_dim, int)
+    assert cfg.training.seed is None
+    assert cfg.save.output_dir is None
+    assert cfg.training.max_train_steps == 20
+    assert cfg.optim.unet_lr == 1e-4
     assert cfg.optim.optimizer_args == {"weight_decay": 0.1, "betas": [0.9, 0.999]}
     assert cfg.dataset.trigger_words == ["mychar"]
 
@@ -214,7 +222,8 @@ def test_every_problem_is_reported_by_field_in_display_order():
         "training.seed",
         "save.output_name",
     ]
-    assert "whole number" in errors[2].message and "name=value" in errors[3].message
+    assert "whole number" in errors[2].message
+    assert "name=value" in errors[3].message
 
 
 def test_preset_keeps_personal_settings_it_does_not_set():
@@ -222,8 +231,10 @@ def test_preset_keeps_personal_settings_it_does_not_set():
     current["dataset.train_data_dir"] = "/my/images"
     current["save.output_name"] = "my_char"
     kohya = by_path(fields.preset_values(load_preset("kohya-trainer"), current))
-    assert kohya["dataset.train_data_dir"] == "/my/images" and kohya["save.output_name"] == "my_char"
-    assert kohya["network.network_dim"] == 32 and kohya["optim.optimizer_type"] == "AdamW8bit"
+    assert kohya["dataset.train_data_dir"] == "/my/images"
+    assert kohya["save.output_name"] == "my_char"
+    assert kohya["network.network_dim"] == 32
+    assert kohya["optim.optimizer_type"] == "AdamW8bit"
     quick = by_path(fields.preset_values(load_preset("quick-test"), current))
     assert quick["save.output_name"] == "lora_quick_test"  # the preset sets it
     assert quick["dataset.train_data_dir"] == "/my/images"
@@ -241,9 +252,12 @@ def test_lora_prompt():
 
 def test_errors_html_names_fields_and_escapes():
     html = render.errors_html([ConfigError("dataset.resolution", "must be <64>"), ConfigError("preset", "bad & wrong")])
-    assert "Dataset › Resolution" in html and "<code>dataset.resolution</code>" in html
-    assert 'data-field="dataset.resolution"' in html and "loraTrain.showField('dataset.resolution')" in html
-    assert "must be &lt;64&gt;" in html and "bad &amp; wrong" in html
+    assert "Dataset › Resolution" in html
+    assert "<code>dataset.resolution</code>" in html
+    assert 'data-field="dataset.resolution"' in html
+    assert "loraTrain.showField('dataset.resolution')" in html
+    assert "must be &lt;64&gt;" in html
+    assert "bad &amp; wrong" in html
     assert 'data-field="preset"' not in html  # not a setting: named, no link
     assert render.errors_html([]) == ""
 
@@ -253,7 +267,9 @@ def test_exception_html_never_shows_a_trace():
         raise RuntimeError("boom")
     except RuntimeError as exc:
         html = render.exception_html(exc)
-    assert "RuntimeError: boom" in html and "Traceback" not in html and "lora_train_msg_error" in html
+    assert "RuntimeError: boom" in html
+    assert "Traceback" not in html
+    assert "lora_train_msg_error" in html
 
 
 def test_status_html_states():
@@ -276,28 +292,38 @@ def test_status_html_states():
         "finished_at": None,
     }
     html = render.status_html(job)
-    assert 'data-state="running"' in html and "Step <b>3</b> / 10" in html and "ETA <b>1:05</b>" in html
-    assert "0.1235" in html and "x&lt;y&gt;" in html and "width:30.0%" in html
+    assert 'data-state="running"' in html
+    assert "Step <b>3</b> / 10" in html
+    assert "ETA <b>1:05</b>" in html
+    assert "0.1235" in html
+    assert "x&lt;y&gt;" in html
+    assert "width:30.0%" in html
     failed = render.status_html({**job, "state": "failed", "error": "DatasetError: no images", "finished_at": 9.0})
-    assert "lora_train_msg_error" in failed and "no images" in failed and "took 0:08" in failed
-    assert render.format_duration(3725) == "1:02:05" and render.format_duration(None) == "–"
+    assert "lora_train_msg_error" in failed
+    assert "no images" in failed
+    assert "took 0:08" in failed
+    assert render.format_duration(3725) == "1:02:05"
+    assert render.format_duration(None) == "–"
 
 
 def test_loss_svg():
     assert "after two steps" in render.loss_svg([1.0])
     svg = render.loss_svg([1.0, 0.5, float("nan"), 0.75] * 500)
-    assert svg.count("<polyline") == 2 and "1500 steps" in svg
+    assert svg.count("<polyline") == 2
+    assert "1500 steps" in svg
     points = svg.split('points="')[1].split('"')[0].split()
     assert len(points) == render.PLOT_POINTS
 
 
 def test_model_html_refuses_unsupported_models(host):
-    assert "SD 1.x" in render.model_html(host.model_info()) and "Cannot train" not in render.model_html(
+    assert "SD 1.x" in render.model_html(host.model_info())
+    assert "Cannot train" not in render.model_html(
         host.model_info()
     )
     host.problem = "the loaded model is an SD3 model, which is not supported"
     html = render.model_html(host.model_info())
-    assert "lora_train_model_bad" in html and "Cannot train on the loaded model: the loaded model is an SD3" in html
+    assert "lora_train_model_bad" in html
+    assert "Cannot train on the loaded model: the loaded model is an SD3" in html
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +339,8 @@ def good_values(tmp_path, **overrides):
 
 def test_start_with_bad_settings_shows_them_and_starts_nothing(actions, manager):
     html = actions.start(*ui_values(TrainConfig()))
-    assert "Fix these settings first" in html and "dataset.train_data_dir" in html
+    assert "Fix these settings first" in html
+    assert "dataset.train_data_dir" in html
     assert manager.latest() is None
 
 
@@ -322,13 +349,15 @@ def test_start_refuses_an_unsupported_model(actions, host, manager, tmp_path):
     assert "Cannot start: SD3 models are not supported" in actions.start(*good_values(tmp_path))
     assert manager.latest() is None
     updates = actions.poll({})
-    assert updates[4]["interactive"] is False and updates[5]["interactive"] is False  # start, resume
+    assert updates[4]["interactive"] is False
+    assert updates[5]["interactive"] is False
 
 
 def test_start_poll_send_and_reconnect(actions, manager, host, tmp_path):
     seen: dict = {}
     first = actions.poll(seen)
-    assert 'data-state="idle"' in first[1] and first[7]["interactive"] is False  # send
+    assert 'data-state="idle"' in first[1]
+    assert first[7]["interactive"] is False
     assert actions.restore_fields(None)[1:] == [gr.update()] * len(FIELDS)
 
     values = by_path(good_values(tmp_path))
@@ -340,14 +369,17 @@ def test_start_poll_send_and_reconnect(actions, manager, host, tmp_path):
     assert job.state == "done", job.error
 
     updates = actions.poll({})  # a new page: everything is sent
-    assert 'data-state="done"' in updates[1] and "Step <b>6</b> / 6" in updates[1]
+    assert 'data-state="done"' in updates[1]
+    assert "Step <b>6</b> / 6" in updates[1]
     assert "<polyline" in updates[2]
-    assert updates[4]["interactive"] is True and updates[6]["interactive"] is False  # start on, stop off
+    assert updates[4]["interactive"] is True
+    assert updates[6]["interactive"] is False
     assert updates[7]["interactive"] is True
     assert updates[8] == "<lora:tiny:1.0>, tinychar"
     # The first page gets what changed since its last poll, then nothing while nothing changes.
     changed = actions.poll(seen)
-    assert 'data-state="done"' in changed[1] and changed[4] == gr.update()  # Start was enabled already
+    assert 'data-state="done"' in changed[1]
+    assert changed[4] == gr.update()
     quiet = [actions.poll(seen) for _ in range(RESYNC_EVERY - 2)]
     assert all(u == gr.update() for updates in quiet for u in updates)
     # Every RESYNC_EVERY polls everything is sent again, so an update the page missed heals.
@@ -371,11 +403,13 @@ def test_stop_and_resume(actions, manager, host, tmp_path):
     values = good_values(tmp_path, **{"training.max_train_steps": 4})
     actions.start(*values)
     job = manager.wait(manager.latest().id, timeout=300)
-    assert job.state == "stopped" and job.step == 2
+    assert job.state == "stopped"
+    assert job.step == 2
     host.on_job_progress = original
     assert "Resuming 'tiny'" in actions.resume(*values)  # overwrites its own partial file
     resumed = manager.wait(manager.latest().id, timeout=300)
-    assert resumed.state == "done" and resumed.step == 4, resumed.error
+    assert resumed.state == "done", resumed.error
+    assert resumed.step == 4, resumed.error
 
 
 def test_poll_never_raises(actions, host, manager):
@@ -394,8 +428,10 @@ def test_save_and_apply_a_user_preset(actions, tmp_path):
     values = by_path(ui_values(TrainConfig()))
     values["network.network_dim"] = 24
     info, dropdown = actions.save_preset("my-preset", *values.values())
-    assert "Saved preset 'my-preset'" in info and "need fixing" in info  # the images folder is empty
-    assert "my-preset" in dropdown["choices"] and dropdown["value"] == "my-preset"
+    assert "Saved preset 'my-preset'" in info
+    assert "need fixing" in info
+    assert "my-preset" in dropdown["choices"]
+    assert dropdown["value"] == "my-preset"
     assert (tmp_path / "presets" / "my-preset.toml").is_file()
     applied = actions.apply_preset("my-preset", *ui_values(TrainConfig()))
     assert by_path(applied[1:])["network.network_dim"] == 24
@@ -415,7 +451,7 @@ def test_apply_a_builtin_preset(actions):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture()
+@pytest.fixture
 def fake_webui(monkeypatch, tmp_path):
     """Stand-ins for modules.script_callbacks, the backend's host and options modules,
     lora_trainer.webui.settings and lora_trainer.webui.api."""
@@ -460,7 +496,8 @@ def test_entry_script_registers_the_three_callbacks_and_nothing_else(fake_webui)
 def test_callbacks_share_one_manager_and_mount_the_api_only_with_api(fake_webui):
     calls, backend, runtime = fake_webui
     [(tab, title, elem_id)] = runtime.on_ui_tabs()
-    assert isinstance(tab, gr.Blocks) and (title, elem_id) == ("LoRA Train", "lora_train")
+    assert isinstance(tab, gr.Blocks)
+    assert (title, elem_id) == ("LoRA Train", "lora_train")
     runtime.on_ui_settings()
     assert calls["settings"] == [True]
     runtime.on_app_started(None, "app")
@@ -516,11 +553,14 @@ def test_runtime_over_the_real_webui_backend(monkeypatch, tmp_path):
         assert type(runtime.manager().host) is fake.backend.host.WebUIHost
         assert runtime.preset_dir() == Path(fake.root) / "lora_train" / "presets"
         model_line = next(b for b in tab.blocks.values() if getattr(b, "elem_id", None) == "lora_train_model_info")
-        assert "tiny-sd1.safetensors" in model_line.value and "SD 1.x" in model_line.value
+        assert "tiny-sd1.safetensors" in model_line.value
+        assert "SD 1.x" in model_line.value
 
         name, values = runtime.start_values()
-        assert name == "quick-test" and values["save.output_name"] == "lora_quick_test"
-        assert values["sample.sample_sampler"] == "DPM++ 2M" and values["sample.sample_steps"] == 20
+        assert name == "quick-test"
+        assert values["save.output_name"] == "lora_quick_test"
+        assert values["sample.sample_sampler"] == "DPM++ 2M"
+        assert values["sample.sample_steps"] == 20
         restore = next(f.fn for f in tab.fns if getattr(f.fn, "__name__", "") == "restore_fields")
         restored = restore(None)
         assert restored[0]["value"] == "quick-test"
@@ -528,7 +568,8 @@ def test_runtime_over_the_real_webui_backend(monkeypatch, tmp_path):
 
         fake.opts.data[backend.OPT_PRESET] = "no-such-preset"  # ignored, with a warning
         name, values = runtime.start_values()
-        assert name is None and values == {"sample.sample_sampler": "DPM++ 2M", "sample.sample_steps": 20}
+        assert name is None
+        assert values == {"sample.sample_sampler": "DPM++ 2M", "sample.sample_steps": 20}
 
         app = FastAPI()
         runtime.on_app_started(None, app)

@@ -89,7 +89,9 @@ def assert_left_as_found(before: dict, after: dict) -> None:
     assert after["tensors"].keys() == before["tensors"].keys()
     for key, tensor in before["tensors"].items():
         now = after["tensors"][key]
-        assert now.dtype == tensor.dtype and now.device == tensor.device and torch.equal(now, tensor), key
+        assert now.dtype == tensor.dtype, key
+        assert now.device == tensor.device, key
+        assert torch.equal(now, tensor), key
     for part in before:
         if part != "tensors":
             assert after[part] == before[part], part
@@ -138,7 +140,8 @@ def test_stand_in_webui_does_not_leak(make_webui):
 
 
 def test_stand_in_webui_is_gone_after_the_test():
-    assert "modules" not in sys.modules and "networks" not in sys.modules
+    assert "modules" not in sys.modules
+    assert "networks" not in sys.modules
     assert "lora_trainer.backends.webui" not in sys.modules
 
 
@@ -158,12 +161,15 @@ def test_adapter_matches_the_reference_adapter(make_webui, family):
         assert adapter.text_encoders.keys() == set(TE_GROUPS[family])
         for group, te in webui_text_encoders(fake.sd_model).items():
             assert adapter.text_encoders[group] is te
-        assert adapter.alphas_cumprod.shape == (1000,) and adapter.alphas_cumprod.dtype == torch.float32
-        assert adapter.model_name == f"tiny-{family}.safetensors" and len(adapter.model_hash) == 64
+        assert adapter.alphas_cumprod.shape == (1000,)
+        assert adapter.alphas_cumprod.dtype == torch.float32
+        assert adapter.model_name == f"tiny-{family}.safetensors"
+        assert len(adapter.model_hash) == 64
 
         pixels = torch.rand(2, 3, 64, 64) * 2 - 1
         latents = adapter.encode_images(pixels)
-        assert latents.shape == (2, 4, 8, 8) and torch.allclose(latents, reference.encode_images(pixels))
+        assert latents.shape == (2, 4, 8, 8)
+        assert torch.allclose(latents, reference.encode_images(pixels))
         assert fake.encode_calls == [0]  # the full VAE, not the UI's encode method
 
         sizes = [SizeCond((64, 96), (0, 8), (64, 64)), SizeCond((64, 64), (0, 0), (64, 64))]
@@ -182,7 +188,8 @@ def test_adapter_matches_the_reference_adapter(make_webui, family):
 
         noisy, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
         out = adapter.predict(noisy, t, expected)
-        assert out.shape == noisy.shape and torch.allclose(out, reference.predict(noisy, t, expected), atol=1e-5)
+        assert out.shape == noisy.shape
+        assert torch.allclose(out, reference.predict(noisy, t, expected), atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -218,7 +225,8 @@ def test_sd2_v_prediction_and_its_clip_skip(make_webui):
         assert adapter.prediction_type == "v_prediction"
         assert adapter.default_clip_skip == 1  # ldm's penultimate layer; the WebUI's option does not reach SD2
         adapter.encode_text(["a cat"], clip_skip=2)
-        assert wrapped.layer_idx == 2 and fake.opts.CLIP_stop_at_last_layers == 1
+        assert wrapped.layer_idx == 2
+        assert fake.opts.CLIP_stop_at_last_layers == 1
     assert wrapped.layer_idx == 1
 
 
@@ -273,7 +281,8 @@ def test_training_job_on_each_family_leaves_the_model_as_found(make_webui, tmp_p
         "state": (1, 1, 3),
     }
     path = Path(job.output_file)
-    assert path.parent == Path(fake.cmd_opts.lora_dir) and path.is_file()
+    assert path.parent == Path(fake.cmd_opts.lora_dir)
+    assert path.is_file()
     state, metadata = load_lora(path)
     prefixes = {key.split("_text_model")[0] for key in state if "_text_model" in key}
     assert prefixes == {"lora_" + g for g in TE_GROUPS[family]}
@@ -282,11 +291,14 @@ def test_training_job_on_each_family_leaves_the_model_as_found(make_webui, tmp_p
     assert path.stem in fake.lora.available_networks  # published: the Lora list was refreshed
     if family == "sd1":
         assert metadata["ss_clip_skip"] == "2"
-        assert len(job.samples) == 1 and len(fake.samples) == 1
+        assert len(job.samples) == 1
+        assert len(fake.samples) == 1
     assert_left_as_found(before, snapshot(fake))
-    assert fake.state.job == "" and fake.state.job_count == 0
+    assert fake.state.job == ""
+    assert fake.state.job_count == 0
     assert fake.state._events == [("begin", host.task_id(job)), ("end", host.task_id(job))]
-    assert fake.progress.finished == [host.task_id(job)] and fake.progress.current_task is None
+    assert fake.progress.finished == [host.task_id(job)]
+    assert fake.progress.current_task is None
     assert fake.queue_lock.acquire(blocking=False)
     fake.queue_lock.release()
     assert fake.gc_calls > 0
@@ -322,11 +334,15 @@ def test_cancel_and_failure_leave_the_model_as_found(make_webui, tmp_path, famil
     _, job = run_job(host, cfg, manager)
     model.__dict__.pop("apply_model", None)
     if ending == "cancel":
-        assert job.state == "stopped" and job.step == 1 and job.output_file
+        assert job.state == "stopped"
+        assert job.step == 1
+        assert job.output_file
     else:
-        assert job.state == "failed" and "injected failure" in job.error
+        assert job.state == "failed"
+        assert "injected failure" in job.error
     assert_left_as_found(before, snapshot(fake))
-    assert fake.state.job == "" and fake.queue_lock.acquire(blocking=False)
+    assert fake.state.job == ""
+    assert fake.queue_lock.acquire(blocking=False)
     fake.queue_lock.release()
 
 
@@ -343,8 +359,11 @@ def test_the_webui_interrupt_button_stops_training(make_webui, tmp_path, button)
 
     host.on_job_progress = progress
     _, job = run_job(host, job_config(tmp_path, 20))
-    assert job.state == "stopped" and job.step == 2 and Path(job.output_file).is_file()
-    assert not fake.state.interrupted and not fake.state.stopping_generation  # not carried into the next job
+    assert job.state == "stopped"
+    assert job.step == 2
+    assert Path(job.output_file).is_file()
+    assert not fake.state.interrupted
+    assert not fake.state.stopping_generation
     fake.state.skip()
     assert not host.interrupted()  # Skip is for generations, not a stop
 
@@ -365,8 +384,10 @@ def test_generation_waits_for_training_and_starts_with_a_clean_state(make_webui,
     host.on_job_progress = progress
     job = manager.start(job_config(tmp_path, 3))
     assert at_step.wait(60)
-    assert fake.state.job == host.task_id(job) and fake.progress.current_task == host.task_id(job)
-    assert "step 1/3" in fake.state.textinfo and "Training LoRA 'tiny'" in fake.state.textinfo
+    assert fake.state.job == host.task_id(job)
+    assert fake.progress.current_task == host.task_id(job)
+    assert "step 1/3" in fake.state.textinfo
+    assert "Training LoRA 'tiny'" in fake.state.textinfo
     seen = []
 
     def generate():  # what txt2img (UI or API) does
@@ -379,7 +400,8 @@ def test_generation_waits_for_training_and_starts_with_a_clean_state(make_webui,
     generation = threading.Thread(target=generate)
     generation.start()
     time.sleep(0.2)
-    assert generation.is_alive() and not seen  # waits for the training
+    assert generation.is_alive()
+    assert not seen
     release.set()
     generation.join(60)
     assert job.state == "done", job.error
@@ -412,7 +434,8 @@ def test_an_applied_lora_is_taken_off_before_training(make_webui):
     fake.lora.apply_as_a_generation_would(fake.sd_model)
     merged = {k: v.clone() for k, v in fake.sd_model.state_dict().items()}
     changed = [k for k in pristine if not torch.equal(pristine[k], merged[k])]
-    assert any("in_proj_weight" in k for k in changed) and any("diffusion_model" in k for k in changed)
+    assert any("in_proj_weight" in k for k in changed)
+    assert any("diffusion_model" in k for k in changed)
 
     host = fake.backend.host.WebUIHost()
     with host.training_session():
@@ -466,8 +489,10 @@ def test_ldm_block_checkpointing_is_off_for_the_run(make_webui):
     res_block.use_checkpoint = transformer_block.checkpoint = True
     host = fake.backend.host.WebUIHost()
     with host.training_session():
-        assert res_block.use_checkpoint is False and transformer_block.checkpoint is False
-    assert res_block.use_checkpoint is True and transformer_block.checkpoint is True
+        assert res_block.use_checkpoint is False
+        assert transformer_block.checkpoint is False
+    assert res_block.use_checkpoint is True
+    assert transformer_block.checkpoint is True
 
 
 def test_verify_lora_without_the_lora_extension_uses_our_loader(make_webui, monkeypatch):
@@ -504,7 +529,8 @@ def test_medvram_lowvram_and_fp8_are_refused(make_webui, tmp_path):
     assert host.model_info().problem is None  # only for SDXL models
     fake.cmd_opts.medvram = True
     problem = host.model_info().problem
-    assert "--medvram" in problem and "Restart the WebUI without" in problem
+    assert "--medvram" in problem
+    assert "Restart the WebUI without" in problem
     with pytest.raises(IncompatibleModelError, match="--medvram"):
         JobManager(host).start(job_config(tmp_path))
     with pytest.raises(IncompatibleModelError, match="--medvram"), host.training_session():
@@ -557,7 +583,9 @@ def test_unsupported_models_are_refused_with_a_reason(make_webui, kind):
     change(fake.sd_model)
     host = fake.backend.host.WebUIHost()
     info = host.model_info()
-    assert info.family is None and reason in info.problem and info.checkpoint.startswith(f"tiny-{family}")
+    assert info.family is None
+    assert reason in info.problem
+    assert info.checkpoint.startswith(f"tiny-{family}")
     with pytest.raises(IncompatibleModelError, match=reason), host.training_session():
         pass
 
@@ -567,7 +595,9 @@ def test_no_model_loaded(make_webui):
     fake.set_model(None)
     host = fake.backend.host.WebUIHost()
     info = host.model_info()
-    assert info.family is None and info.checkpoint == "" and "no model is loaded" in info.problem
+    assert info.family is None
+    assert info.checkpoint == ""
+    assert "no model is loaded" in info.problem
     with pytest.raises(IncompatibleModelError, match="no model is loaded"), host.training_session():
         pass
 
@@ -593,17 +623,26 @@ def test_previews_run_the_webui_txt2img_with_the_network_attached(make_webui, tm
             network.eval()
             images = host.sample_images(["a cat", "a dog"], cfg, 3)
             again = host.sample_images(["a cat"], cfg, 4)
-    assert len(images) == 2 and all(isinstance(i, Image.Image) and i.size == (64, 64) for i in images)
+    assert len(images) == 2
+    assert all(isinstance(i, Image.Image) and i.size == (64, 64) for i in images)
     assert len(again) == 1
     first, second = fake.samples
     p = first["p"]
     assert (p.sampler_name, p.steps, p.cfg_scale, p.width, p.height) == ("Euler", 7, 5.0, 64, 64)
-    assert p.prompt == ["a cat", "a dog"] and p.n_iter == 2 and p.batch_size == 1
-    assert p.override_settings == {"sd_model_checkpoint": title} and p.disable_extra_networks
-    assert p.do_not_save_samples and p.do_not_save_grid and p._closed
+    assert p.prompt == ["a cat", "a dog"]
+    assert p.n_iter == 2
+    assert p.batch_size == 1
+    assert p.override_settings == {"sd_model_checkpoint": title}
+    assert p.disable_extra_networks
+    assert p.do_not_save_samples
+    assert p.do_not_save_grid
+    assert p._closed
     assert second["p"].seed == p.seed  # unset sample_seed: one seed for the whole run
-    assert first["hooks_on_unet"] > 0 and not first["grad_enabled"] and first["loaded_networks"] == 0
-    assert first["cache_hits"] == 0 and second["cache_hits"] == 0  # no conditioning from before or between
+    assert first["hooks_on_unet"] > 0
+    assert not first["grad_enabled"]
+    assert first["loaded_networks"] == 0
+    assert first["cache_hits"] == 0
+    assert second["cache_hits"] == 0
     assert processing.StableDiffusionProcessing.cached_c == [None, None]
     assert fake.opts.data["sd_model_checkpoint"] == "another.safetensors"
     assert (state.job, state.job_count, state.sampling_step, state.sampling_steps, state.textinfo) == (
@@ -634,7 +673,8 @@ def test_settings_section_folders_and_api_switches(make_webui, monkeypatch):
     register_settings()
     labels = fake.opts.data_labels
     for key, default in be.SETTINGS.items():
-        assert labels[key].section == ("lora_train", "LoRA Train") and labels[key].category_id == "training"
+        assert labels[key].section == ("lora_train", "LoRA Train")
+        assert labels[key].category_id == "training"
         assert fake.opts.data[key] == default
     assert "quick-test" in labels[be.OPT_PRESET].component_args()["choices"]
     assert labels[be.OPT_SAMPLER].component_args()["choices"] == SAMPLERS
@@ -642,7 +682,8 @@ def test_settings_section_folders_and_api_switches(make_webui, monkeypatch):
 
     host = fake.backend.host.WebUIHost()
     lora_dir = Path(fake.cmd_opts.lora_dir)
-    assert host.lora_dir == lora_dir and host.work_dir == Path(fake.cmd_opts.data_dir) / "lora_train"
+    assert host.lora_dir == lora_dir
+    assert host.work_dir == Path(fake.cmd_opts.data_dir) / "lora_train"
     fake.opts.data[be.OPT_SUBFOLDER] = "trained\\mine"
     assert host.lora_dir == lora_dir / "trained" / "mine"
     for bad in ("../elsewhere", "/abs", "C:/x"):
@@ -651,9 +692,11 @@ def test_settings_section_folders_and_api_switches(make_webui, monkeypatch):
     del fake.cmd_opts.lora_dir  # the Lora extension is disabled: its --lora-dir option does not exist
     assert host.lora_dir == Path(fake.cmd_opts.data_dir) / "models" / "Lora"
 
-    assert not be.api_enabled() and be.api_auth() is None
+    assert not be.api_enabled()
+    assert be.api_auth() is None
     fake.cmd_opts.api, fake.cmd_opts.api_auth = True, "alice:secret,bob:pass:word"
-    assert be.api_enabled() and be.api_auth() == {"alice": "secret", "bob": "pass:word"}
+    assert be.api_enabled()
+    assert be.api_auth() == {"alice": "secret", "bob": "pass:word"}
 
 
 def test_captioning_helpers_use_the_webui_models(make_webui):

@@ -19,12 +19,15 @@ def test_numbers_follow_kohya():
     assert a.total_steps == 1000
     assert a.steps_per_image == 100
     a = advise(21, epochs=3, batch_size=4, repeats=5)
-    assert a.steps_per_epoch == math.ceil(105 / 4) == 27 and a.total_steps == 81
+    assert a.steps_per_epoch == math.ceil(105 / 4) == 27
+    assert a.total_steps == 81
 
 
 def test_good_settings_have_no_warnings():
     a = advise(20, epochs=10, batch_size=1, repeats=10)
-    assert a.ok and a.warnings == [] and a.suggestions == []
+    assert a.ok
+    assert a.warnings == []
+    assert a.suggestions == []
     assert a.total_steps == 2000
 
 
@@ -42,7 +45,8 @@ def test_warnings(images, repeats, epochs, batch, codes):
     assert codes <= a.warning_codes()
     assert not a.ok
     for w in a.warnings:
-        assert w.message and w.code
+        assert w.message
+        assert w.code
 
 
 def test_exact_warning_sets():
@@ -56,7 +60,8 @@ def test_suggestions_satisfy_the_rules(images, repeats, epochs, batch):
     a = advise(images, epochs=epochs, batch_size=batch, repeats=repeats)
     assert len(a.suggestions) == 2
     same_epochs, same_repeats = a.suggestions
-    assert same_epochs.epochs == epochs and same_repeats.repeats == repeats
+    assert same_epochs.epochs == epochs
+    assert same_repeats.repeats == repeats
     for s in a.suggestions:
         b = advise(images, epochs=s.epochs, batch_size=batch, repeats=s.repeats)
         assert not {"too_few_steps_per_image", "too_few_total_steps"} & b.warning_codes()
@@ -70,7 +75,9 @@ def test_suggestions_satisfy_the_rules(images, repeats, epochs, batch):
 
 def test_several_folders():
     a = advise([(10, 10), (10, 2)], epochs=10)
-    assert a.images == 20 and a.samples_per_epoch == 120 and a.steps_per_image == 60
+    assert a.images == 20
+    assert a.samples_per_epoch == 120
+    assert a.steps_per_image == 60
     assert a.repeats == 6
 
 
@@ -90,4 +97,7 @@ def test_workspace_advise(tmp_path):
         save(pattern((8, 8), i), ws.path / "10_a" / f"{i}.png")
     save(pattern((8, 8), 9), ws.path / "3_b" / "x.png")
     a = ws.advise(epochs=5, batch_size=2)
-    assert a.images == 5 and a.samples_per_epoch == 43 and a.steps_per_epoch == 22 and a.total_steps == 110
+    assert a.images == 5
+    assert a.samples_per_epoch == 43
+    assert a.steps_per_epoch == 22
+    assert a.total_steps == 110

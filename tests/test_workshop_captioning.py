@@ -54,7 +54,8 @@ def cap(ws, name):
 
 
 def test_protocol():
-    assert isinstance(FakeTagger(), Captioner) and isinstance(FakeBlip(), Captioner)
+    assert isinstance(FakeTagger(), Captioner)
+    assert isinstance(FakeBlip(), Captioner)
     assert not isinstance(object(), Captioner)
 
 
@@ -110,20 +111,23 @@ def test_pipeline_overwrite_append_and_triggers(ws):
     ws.caption(FakeBlip(), {"mode": "append", "trigger_words": ["mycat"]})
     assert cap(ws, "has") == "mycat, long hair, smile (expression), ^_^, a photo of a cat"
     again = ws.caption(FakeBlip(), {"mode": "append", "trigger_words": ["mycat"]})
-    assert again.written == 0 and again.unchanged == 3
+    assert again.written == 0
+    assert again.unchanged == 3
 
 
 def test_keep_mode_still_adds_trigger_words(ws):
     report = ws.caption(FakeTagger(), {"mode": "keep", "trigger_words": ["mycat", "cat"]})
     assert cap(ws, "has") == "mycat, cat, long hair, indoors"
-    assert report.results[1].path == "5_cat/has.png" and report.results[1].action == "written"
+    assert report.results[1].path == "5_cat/has.png"
+    assert report.results[1].action == "written"
 
 
 def test_caption_run_is_undoable(ws):
     ws.caption(FakeTagger(), {"mode": "overwrite"})
     assert cap(ws, "none") is not None
     undo = ws.undo()
-    assert undo.undone and undo.operation == "caption:fake-tagger"
+    assert undo.undone
+    assert undo.operation == "caption:fake-tagger"
     assert cap(ws, "has") == "cat, long hair, indoors"
     assert cap(ws, "none") is None  # had no caption file: removed again
     assert cap(ws, "empty") == ""
@@ -141,11 +145,13 @@ def test_failures_are_per_image(ws):
 
     (ws.path / "5_cat" / "broken.png").write_bytes(b"garbage")
     report = ws.caption(Flaky(), {"mode": "overwrite"})
-    assert report.failed == 2 and report.written == 2
+    assert report.failed == 2
+    assert report.written == 2
     assert report.problem_paths("caption_failed") == ["5_cat/none.png"]
     assert "GPU hiccup" in report.problems_with("caption_failed")[0].message
     assert report.problem_paths("unreadable") == ["5_cat/broken.png"]
-    assert cap(ws, "none") is None and cap(ws, "has") == "ok"
+    assert cap(ws, "none") is None
+    assert cap(ws, "has") == "ok"
 
 
 def test_unavailable_captioner_stops_without_writing(ws):
@@ -170,7 +176,9 @@ def test_progress_and_stop(ws):
         return calls["n"] > 2
 
     report = ws.caption(FakeBlip(), {"mode": "overwrite"}, progress=lambda d, t: seen.append((d, t)), should_stop=stop)
-    assert report.stopped and report.written == 2 and seen == [(1, 3), (2, 3)]
+    assert report.stopped
+    assert report.written == 2
+    assert seen == [(1, 3), (2, 3)]
 
 
 def test_subset_of_images(ws):

@@ -70,12 +70,16 @@ def test_conversions(cleaned):
     by_original = {f.original: f for f in report.files}
     for name in ("web.webp", "anim.gif", "bitmap.bmp", "scan.tiff"):
         f = by_original[f"1_c/{name}"]
-        assert f.action == "converted" and f.path == f"1_c/{name.rsplit('.', 1)[0]}.png"
+        assert f.action == "converted"
+        assert f.path == f"1_c/{name.rsplit('.', 1)[0]}.png"
         assert not (ws.path / "1_c" / name).exists()
     # transparency goes onto the chosen colour
-    assert close(px(ws, "rgba.png", (2, 2)), GREEN_BG) and close(px(ws, "rgba.png", (30, 2)), (255, 0, 0))
-    assert close(px(ws, "palette.png", (2, 2)), GREEN_BG) and close(px(ws, "palette.png", (30, 2)), (255, 0, 0))
-    assert close(px(ws, "la.png", (2, 2)), GREEN_BG) and close(px(ws, "la.png", (30, 2)), (100, 100, 100))
+    assert close(px(ws, "rgba.png", (2, 2)), GREEN_BG)
+    assert close(px(ws, "rgba.png", (30, 2)), (255, 0, 0))
+    assert close(px(ws, "palette.png", (2, 2)), GREEN_BG)
+    assert close(px(ws, "palette.png", (30, 2)), (255, 0, 0))
+    assert close(px(ws, "la.png", (2, 2)), GREEN_BG)
+    assert close(px(ws, "la.png", (30, 2)), (100, 100, 100))
     assert close(px(ws, "gray.png", (5, 5)), (77, 77, 77))
     assert close(px(ws, "bilevel.png", (5, 5)), (255, 255, 255))
     assert close(px(ws, "deep.png", (5, 5)), (127, 127, 127), 2)  # 16-bit scaled, not clipped to 255
@@ -91,7 +95,8 @@ def test_conversions(cleaned):
 def test_exif_orientation_is_applied(cleaned):
     ws, report, _ = cleaned
     f = next(f for f in report.files if f.original == "1_c/phone.jpg")
-    assert f.path == "1_c/phone.png" and any("EXIF orientation 6" in c for c in f.changes)
+    assert f.path == "1_c/phone.png"
+    assert any("EXIF orientation 6" in c for c in f.changes)
     with Image.open(ws.path / f.path) as img:
         assert img.size == (20, 40)  # stored 40x20 landscape, shown portrait
         assert close(img.getpixel((10, 5)), (255, 0, 0), 40)  # the red left half is now on top
@@ -110,7 +115,8 @@ def test_broken_files_are_quarantined_with_captions(tmp_path):
     png_header_only(d / "bomb.png", 30000, 30000)
     save(pattern((128, 128), seed=2), d / "toolarge.png")
     report = ws.clean(max_pixels=100 * 100)
-    assert report.kept == 1 and report.quarantined == 6
+    assert report.kept == 1
+    assert report.quarantined == 6
     codes = {p.path: p.code for p in report.problems if p.severity == "error"}
     assert codes == {
         "1_c/cut.jpg": "corrupt",
@@ -122,12 +128,14 @@ def test_broken_files_are_quarantined_with_captions(tmp_path):
     }
     assert sorted(p.name for p in d.iterdir()) == ["good.png"]
     q = ws.path / ".workshop" / "quarantine" / "1_c"
-    assert (q / "cut.jpg").exists() and (q / "cut.txt").read_text(encoding="utf-8") == "caption of cut"
+    assert (q / "cut.jpg").exists()
+    assert (q / "cut.txt").read_text(encoding="utf-8") == "caption of cut"
     assert (q / "cut_2.png").exists()  # a second file with the stem gets a unique name there
     assert ws.summary().quarantined == 6
     for p in report.problems:
         if p.severity == "error":
-            assert p.path in p.message and "moved to .workshop/quarantine" in p.message
+            assert p.path in p.message
+            assert "moved to .workshop/quarantine" in p.message
 
 
 def test_captions_are_tidied(tmp_path):
@@ -145,7 +153,8 @@ def test_captions_are_tidied(tmp_path):
     save(pattern(), ws.path / "stray.png")
     (ws.path / "nofolder").mkdir()
     report = ws.clean()
-    assert (d / "a.txt").read_text(encoding="utf-8") == "from blip" and not (d / "a.caption").exists()
+    assert (d / "a.txt").read_text(encoding="utf-8") == "from blip"
+    assert not (d / "a.caption").exists()
     assert (d / "b.txt").read_bytes() == "naïve".encode()
     assert (d / "c.txt").read_text(encoding="utf-8") == "one, two"
     assert (d / "d.txt").read_text(encoding="utf-8") == "keep"
@@ -165,7 +174,8 @@ def test_clean_twice_changes_nothing(cleaned):
     ws, _, _ = cleaned
     before = tree_hashes(ws.path / "1_c")
     second = ws.clean(background=GREEN_BG)
-    assert second.converted == 0 and second.quarantined == 0
+    assert second.converted == 0
+    assert second.quarantined == 0
     assert tree_hashes(ws.path / "1_c") == before
 
 
@@ -199,5 +209,6 @@ def test_unexpected_decoder_errors_are_not_fatal(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cleaning, "load_image_rgb", flaky)
     report = ws.clean()
-    assert report.kept == 1 and report.quarantined == 1
+    assert report.kept == 1
+    assert report.quarantined == 1
     assert "IndexError: broken tile table" in report.problems_with("corrupt")[0].message

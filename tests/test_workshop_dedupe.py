@@ -48,14 +48,16 @@ def test_exact_and_near_are_flagged_not_removed(ws):
     assert report.near[0].keep == "1_c/base.png"  # the larger one
     flagged = report.flagged()
     assert "1_c/different.png" not in flagged
-    assert "1_c/flat_white.png" not in flagged and "1_c/flat_black.png" not in flagged  # colour check
+    assert "1_c/flat_white.png" not in flagged
+    assert "1_c/flat_black.png" not in flagged
     assert report.images == 6
     json.dumps(report.to_dict())
 
 
 def test_threshold_zero_only_identical_hashes(ws):
     report = ws.find_duplicates(threshold=0)
-    assert report.exact and all(g.distance == 0 for g in report.near)
+    assert report.exact
+    assert all(g.distance == 0 for g in report.near)
 
 
 def test_bad_threshold(ws):
@@ -76,7 +78,8 @@ def test_remove_exact_moves_copy_aside(ws):
     assert (ws.path / ".workshop/removed/1_c/exact_copy.txt").read_text(encoding="utf-8") == "different caption"
     assert report.problem_paths("caption_differs") == ["1_c/exact_copy.png"]
     again = ws.find_duplicates()
-    assert again.exact == [] and again.images == 5
+    assert again.exact == []
+    assert again.images == 5
 
 
 def test_fingerprints_are_cached(ws, monkeypatch):

@@ -38,7 +38,7 @@ def test_makers_make_what_they_claim(tmp_path):
                 assert "transparency" in img.info
             if kind == "exif_jpeg":
                 assert img.getexif().get(0x0112) == 6
-    with pytest.raises(OSError), Image.open(truncated(tmp_path / "t.png")) as img:
+    with pytest.raises(OSError, match=r"image file is truncated"), Image.open(truncated(tmp_path / "t.png")) as img:
         img.load()
     with pytest.raises(Image.DecompressionBombError):
         Image.open(png_header_only(tmp_path / "bomb.png", 30000, 30000))

@@ -134,7 +134,8 @@ def test_empty_source_gives_clear_error_and_writes_nothing(ws, tmp_path, content
         ws.import_folder(src)
     assert str(src) in str(e.value)
     if content == "hidden_and_empty":
-        assert "empty" in str(e.value) and "hidden" in str(e.value)
+        assert "empty" in str(e.value)
+        assert "hidden" in str(e.value)
     assert files_in(ws) == set()
 
 
@@ -186,7 +187,9 @@ def test_unreadable_file_via_open_failure(ws, tmp_path, monkeypatch):
     report = ws.import_folder(src)
     assert [f.path for f in report.imported] == ["1_src/ok.png"]
     [p] = report.problems_with("unreadable")
-    assert p.path == str(bad) and "Permission denied" in p.message and p.severity == "error"
+    assert p.path == str(bad)
+    assert "Permission denied" in p.message
+    assert p.severity == "error"
 
 
 def test_per_file_size_limit(ws, tmp_path):

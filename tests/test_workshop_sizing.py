@@ -58,13 +58,15 @@ def test_fixed_center_resize_keeps_originals(ws):
         with Image.open(ws.path / r.path) as img:
             assert img.size == (256, 256)
     wide = next(r for r in report.resized if r.path == "2_a/wide.png")
-    assert wide.original_size == (768, 512) and wide.crop == (64, 0, 320, 256)
+    assert wide.original_size == (768, 512)
+    assert wide.crop == (64, 0, 320, 256)
     assert (ws.path / ".workshop/originals/2_a/wide.png").read_bytes() == before
     assert report.problem_paths("upscaled") == ["3_b/tiny.png"]
     # a second resize starts from the original, not from the 256 px copy
     again = ws.resize_fixed(384, 384)
     wide2 = next(r for r in again.resized if r.path == "2_a/wide.png")
-    assert wide2.original_size == (768, 512) and not wide2.upscaled
+    assert wide2.original_size == (768, 512)
+    assert not wide2.upscaled
     with Image.open(ws.path / "2_a/wide.png") as img:
         assert img.size == (384, 384)
 
@@ -101,7 +103,8 @@ def half_detail(size=(300, 100)) -> Image.Image:
 
 def test_focal_point_follows_detail():
     fx, fy = focal_point(half_detail(), (100, 100))
-    assert fx > 0.75 and fy == 0.5
+    assert fx > 0.75
+    assert fy == 0.5
     fx, _ = focal_point(Image.new("RGB", (300, 100), WHITE), (100, 100))
     assert fx == pytest.approx(0.5, abs=0.02)  # nothing to see: the centre
 
@@ -118,7 +121,8 @@ def test_crop_modes(tmp_path):
     point = ws.resize_fixed(100, 100, crop="point", points={"1_a/x.png": (0.0, 0.5)}).resized[0]
     assert point.crop == (0, 0, 100, 100)
     missing = ws.resize_fixed(100, 100, crop="point")
-    assert missing.problem_paths("no_point") == ["1_a/x.png"] and missing.resized[0].crop == (100, 0, 200, 100)
+    assert missing.problem_paths("no_point") == ["1_a/x.png"]
+    assert missing.resized[0].crop == (100, 0, 200, 100)
 
 
 def test_crop_box_clamps():
@@ -141,7 +145,8 @@ def test_bucket_report_counts_exif_rotation_before_clean(tmp_path):
     exif[0x0112] = 6
     save(img, ws.path / "1_a" / "phone.jpg", quality=90, exif=exif.tobytes())
     report = ws.bucket_report(512)
-    assert report.per_image[0]["size"] == [512, 768] and report.per_image[0]["bucket"] == [384, 640]
+    assert report.per_image[0]["size"] == [512, 768]
+    assert report.per_image[0]["bucket"] == [384, 640]
     ws.clean()  # the sizes now come from the fingerprint cache, and agree
     assert ws.bucket_report(512).per_image[0]["size"] == [512, 768]
 
@@ -151,5 +156,6 @@ def test_image_already_at_size_is_left_alone(tmp_path):
     p = save(pattern((64, 64), 1), ws.path / "1_a" / "x.jpg", quality=90)
     before = p.read_bytes()
     report = ws.resize_fixed(64)
-    assert report.resized == [] and report.problem_paths("already_sized") == ["1_a/x.jpg"]
+    assert report.resized == []
+    assert report.problem_paths("already_sized") == ["1_a/x.jpg"]
     assert p.read_bytes() == before

@@ -39,7 +39,8 @@ def captions(ws) -> dict[str, str | None]:
 
 def test_tag_frequency(ws):
     stats = ws.tags()
-    assert stats.images == 4 and stats.captioned == 3
+    assert stats.images == 4
+    assert stats.captioned == 3
     assert stats.as_dict() == {
         "mychar": 3,
         "blue eyes": 2,  # Blue_Eyes counts as the same tag
@@ -61,27 +62,31 @@ def test_list_images_with_filters(ws):
     entry = ws.images(filter_tags=["smile"]).images[0]
     assert (entry.folder, entry.repeats, entry.concept, entry.has_caption) == ("10_mychar", 10, "mychar", True)
     d = ws.images(without_tags=["mychar"]).images[0]
-    assert d.caption == "" and not d.has_caption
+    assert d.caption == ""
+    assert not d.has_caption
     json.dumps(ws.images().to_dict())
 
 
 def test_bulk_remove_binds_trait_and_undo(ws):
     before = captions(ws)
     report = ws.bulk_remove(["blue eyes"])
-    assert report.changed == ["10_mychar/a.png", "10_mychar/b.png"] and report.matched == 4
+    assert report.changed == ["10_mychar/a.png", "10_mychar/b.png"]
+    assert report.matched == 4
     assert captions(ws)["a"] == "mychar, long hair, smile"
     assert captions(ws)["b"] == "mychar, short hair"
     assert captions(ws)["d"] is None  # untouched, no file created
     assert ws.summary().undo["operation"] == "remove blue eyes"
     undo = ws.undo()
-    assert undo.undone and sorted(undo.restored) == ["10_mychar/a.png", "10_mychar/b.png"]
+    assert undo.undone
+    assert sorted(undo.restored) == ["10_mychar/a.png", "10_mychar/b.png"]
     assert captions(ws) == before
     assert not ws.undo().undone  # one level only
 
 
 def test_bulk_remove_with_filter(ws):
     ws.bulk_remove(["long hair"], filter_tags=["red eyes"])
-    assert captions(ws)["a"] == CAPTIONS["a"] and captions(ws)["c"] == "mychar, red eyes"
+    assert captions(ws)["a"] == CAPTIONS["a"]
+    assert captions(ws)["c"] == "mychar, red eyes"
 
 
 def test_bulk_replace(ws):
@@ -95,13 +100,15 @@ def test_bulk_replace(ws):
 
 def test_bulk_add_start_end_and_filter(ws):
     ws.bulk_add(["sks"], filter_tags=["long hair"])
-    assert captions(ws)["a"].startswith("sks, mychar") and captions(ws)["c"].startswith("sks, ")
+    assert captions(ws)["a"].startswith("sks, mychar")
+    assert captions(ws)["c"].startswith("sks, ")
     assert "sks" not in captions(ws)["b"]
     ws.bulk_add("solo", position="end", without_tags=["sks"])
     assert captions(ws)["b"] == "mychar, Blue_Eyes, short hair, solo"
     assert captions(ws)["d"] == "solo"  # an image without caption gets a file
     ws.undo()
-    assert captions(ws)["d"] is None and captions(ws)["b"] == CAPTIONS["b"]
+    assert captions(ws)["d"] is None
+    assert captions(ws)["b"] == CAPTIONS["b"]
     assert captions(ws)["a"].startswith("sks, ")  # the earlier edit stays
 
 

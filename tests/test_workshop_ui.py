@@ -67,7 +67,7 @@ def unavailable_captioner(threshold):
     raise CaptionerUnavailable("The tagger needs onnxruntime: pip install onnxruntime.")
 
 
-@pytest.fixture()
+@pytest.fixture
 def actions(tmp_path):
     captioners = {
         "Stub": CaptionerSpec(lambda t: StubTagger(), 0.35, "stand-in"),
@@ -122,16 +122,21 @@ def test_import_clean_caption_edit_undo_advise(actions, tmp_path):
     # Create: the dropdown selects it, the training folder box points at it.
     msg, dropdown, new_name, folder_box = actions.create("mychar", "/some/other/folder")
     ws = Workspace.open(tmp_path / "datasets" / "mychar")
-    assert "ready" in msg and dropdown["value"] == "mychar" and dropdown["choices"] == ["mychar"]
-    assert new_name == "" and folder_box == ws.train_data_dir == str(tmp_path / "datasets" / "mychar")
+    assert "ready" in msg
+    assert dropdown["value"] == "mychar"
+    assert dropdown["choices"] == ["mychar"]
+    assert new_name == ""
+    assert folder_box == ws.train_data_dir == str(tmp_path / "datasets" / "mychar")
     assert "Training reads this workspace" in actions.summary("mychar", folder_box)
     assert "press “Use for training”" in actions.summary("mychar", "/elsewhere")
 
     # Import a folder: 10_mychar keeps its repeats, the rest goes to the concept given, 2 repeats.
     html = actions.import_folder("mychar", str(src), "extra stuff", "2")
     assert "Imported 8 image(s)" in html, html
-    assert "<code>10_mychar</code>" in html and "<code>2_extra stuff</code>" in html
-    assert "notes.md" in html and "skipped" in html
+    assert "<code>10_mychar</code>" in html
+    assert "<code>2_extra stuff</code>" in html
+    assert "notes.md" in html
+    assert "skipped" in html
     summary = ws.summary()
     assert {c.folder: (c.repeats, c.images) for c in summary.concepts} == {
         "10_mychar": (10, 5),
@@ -140,30 +145,41 @@ def test_import_clean_caption_edit_undo_advise(actions, tmp_path):
 
     # Clean onto a green background: the transparent image converted, the broken one set aside.
     html = actions.clean("mychar", "#00ff00")
-    assert "1 moved to quarantine" in html and "broken.png" in html and "lora_train_ws_report_error" in html
+    assert "1 moved to quarantine" in html
+    assert "broken.png" in html
+    assert "lora_train_ws_report_error" in html
     clear = Image.open(ws.path / "10_mychar" / "clear.png")
-    assert clear.mode == "RGB" and clear.getpixel((1, 1)) == (0, 255, 0)
+    assert clear.mode == "RGB"
+    assert clear.getpixel((1, 1)) == (0, 255, 0)
 
     # Duplicates: copy.png is img1.png; remove it.
     html = actions.duplicates("mychar", 10, False)
-    assert "exact groups" in html and "copy.png" in html and "img1.png" in html
+    assert "exact groups" in html
+    assert "copy.png" in html
+    assert "img1.png" in html
     html = actions.duplicates("mychar", 10, True)
-    assert "Moved to" in html and ws.summary().images == 6
+    assert "Moved to" in html
+    assert ws.summary().images == 6
 
     # Sizes: a bucket report (reads only), then a fixed size.
     html = actions.buckets("mychar", "64", 32, 128, 32, False)
-    assert "Buckets at 64×64" in html and "6 image(s)" in html
+    assert "Buckets at 64×64" in html
+    assert "6 image(s)" in html
     html = actions.resize("mychar", 64, "", "focal", True)
-    assert "Resized to 64×64 (focal crop)" in html and "6</b> resized" in html
+    assert "Resized to 64×64 (focal crop)" in html
+    assert "6</b> resized" in html
     assert Image.open(ws.path / "10_mychar" / "img2.png").size == (64, 64)
 
     # Captions: keep mode leaves img0's caption, the stand-in tags the others, trigger first.
     html = actions.caption("mychar", *caption_args(mode="keep"))
-    assert "Captions by stub" in html and "<b>5</b> written" in html, html
+    assert "Captions by stub" in html, html
+    assert "<b>5</b> written" in html, html
     assert ws.get_caption("10_mychar/img0.png") == "mychar, old caption"
     assert ws.get_caption("10_mychar/img2.png") == "mychar, 1girl, solo, blue background, simple background"
     table = tag_dict(actions.tag_table("mychar", ""))
-    assert table["mychar"] == 6 and table["1girl"] == 5 and "blush" not in table  # under the threshold
+    assert table["mychar"] == 6
+    assert table["1girl"] == 5
+    assert "blush" not in table
 
     # Bulk remove "solo": the frequency table changes; undo brings it back.
     html = actions.bulk_remove("mychar", "solo", "")
@@ -171,13 +187,15 @@ def test_import_clean_caption_edit_undo_advise(actions, tmp_path):
     assert "solo" not in tag_dict(actions.tag_table("mychar", ""))
     assert "Undo available: remove solo" in actions.summary("mychar")
     html = actions.undo("mychar")
-    assert "Undone: remove solo" in html and "5</b> captions restored" in html
+    assert "Undone: remove solo" in html
+    assert "5</b> captions restored" in html
     assert tag_dict(actions.tag_table("mychar", ""))["solo"] == 5
     assert "no bulk edit to undo" in actions.undo("mychar")
 
     # Replace and add, only on images having a filter tag.
     html = actions.bulk_replace("mychar", "blue background", "night sky, stars", "blue background")
-    assert "1 caption(s) changed" in html and "images matched" in html
+    assert "1 caption(s) changed" in html
+    assert "images matched" in html
     assert ws.get_caption("10_mychar/img2.png") == "mychar, 1girl, solo, night sky, stars, simple background"
     html = actions.bulk_add("mychar", "outdoors", "end", "night sky")
     assert ws.get_caption("10_mychar/img2.png").endswith("simple background, outdoors")
@@ -188,10 +206,14 @@ def test_import_clean_caption_edit_undo_advise(actions, tmp_path):
     advice, epochs, batch, steps = actions.advise("mychar", 2, 2, "", True)
     assert (epochs, batch, steps) == (2, 2, "")
     assert "<td>Total steps</td><td><b>52</b></td>" in advice
-    assert 'data-code="too_few_images"' in advice and 'data-code="too_few_total_steps"' in advice
-    assert "keep 2 epochs" in advice and "come from the Training tab" in advice
+    assert 'data-code="too_few_images"' in advice
+    assert 'data-code="too_few_total_steps"' in advice
+    assert "keep 2 epochs" in advice
+    assert "come from the Training tab" in advice
     advice, epochs, _, steps = actions.advise("mychar", 2, 1, "1800", False)
-    assert steps == 1800 and epochs == gr.update() and "35 epoch(s)" in advice  # 52 steps per epoch
+    assert steps == 1800
+    assert epochs == gr.update()
+    assert "35 epoch(s)" in advice
 
     # The training folder box, and the user's folder untouched.
     assert actions.use_for_training("mychar")[1] == ws.train_data_dir
@@ -210,7 +232,9 @@ def test_zip_and_uploads(actions, tmp_path):
     before = archive.read_bytes()
 
     html = actions.import_zip("set", None, str(archive), "", "")
-    assert "Imported 1 image(s)" in html and "<code>5_zipped</code>" in html and "evil.png" in html
+    assert "Imported 1 image(s)" in html
+    assert "<code>5_zipped</code>" in html
+    assert "evil.png" in html
     assert "lora_train_ws_sev_error" in html  # the unsafe member, clearly an error
     assert archive.read_bytes() == before
 
@@ -220,7 +244,8 @@ def test_zip_and_uploads(actions, tmp_path):
 
     ups = [types.SimpleNamespace(name=str(p)) for p in (src / "extra" / "e0.png", src / "10_mychar" / "img3.png")]
     html = actions.import_files("set", ups, "uploads", "4")
-    assert "Imported 2 image(s)" in html and "<code>4_uploads</code>" in html
+    assert "Imported 2 image(s)" in html
+    assert "<code>4_uploads</code>" in html
     ws = Workspace.open(tmp_path / "datasets" / "set")
     assert ws.summary().images == 4
 
@@ -235,23 +260,29 @@ def test_gallery_select_and_save_caption(actions, tmp_path):
     actions.import_folder("g", str(src / "10_mychar"), "", "")
     actions.caption("g", *caption_args("Stub"))
     items, ids, info = actions.gallery("g", "")
-    assert len(items) == len(ids) == 5 and "5 of 5 image(s)" in info
+    assert len(items) == len(ids) == 5
+    assert "5 of 5 image(s)" in info
     assert all(Path(thumb).is_file() and Path(thumb).parent == tmp_path / "thumbs" for thumb, _ in items)
     assert [label for _, label in items] == [Path(i).name for i in ids]
     assert max(Image.open(items[0][0]).size) <= workshop_actions.THUMB_SIZE
 
     items, ids, info = actions.gallery("g", "green background")
-    assert ids == ["10_mychar/img1.png"] and "1 of 5 image(s) have green background" in info
+    assert ids == ["10_mychar/img1.png"]
+    assert "1 of 5 image(s) have green background" in info
 
     preview, image, caption, message = actions.select_image("g", ids, types.SimpleNamespace(index=0))
-    assert image == "10_mychar/img1.png" and caption.startswith("mychar, 1girl") and message == ""
+    assert image == "10_mychar/img1.png"
+    assert caption.startswith("mychar, 1girl")
+    assert message == ""
     assert Path(preview).is_file()
     text, msg = actions.save_caption("g", image, "mychar,   new  caption\nsecond line")
-    assert text == "mychar, new caption second line" and "Saved" in msg
+    assert text == "mychar, new caption second line"
+    assert "Saved" in msg
     assert (Path(actions.workspace("g").path) / "10_mychar" / "img1.txt").read_text() == text
 
     stale = actions.select_image("g", ids, types.SimpleNamespace(index=5))
-    assert stale[:3] == [gr.update()] * 3 and is_error(stale[3])
+    assert stale[:3] == [gr.update()] * 3
+    assert is_error(stale[3])
     assert is_error(actions.save_caption("g", "", "x")[1])
     assert is_error(actions.save_caption("g", "../../etc/passwd.png", "x")[1])
 
@@ -276,16 +307,20 @@ def test_caption_options_and_captioners(actions, tmp_path):
 
     # The threshold follows the captioner.
     note, slider = actions.captioner_changed("Stub")
-    assert note["info"] == "stand-in" and slider["value"] == 0.35 and slider["interactive"] is True
+    assert note["info"] == "stand-in"
+    assert slider["value"] == 0.35
+    assert slider["interactive"] is True
     assert actions.captioner_changed("Sentences")[1]["interactive"] is False
     assert actions.captioner_changed("nope") == [gr.update(), gr.update()]
 
     # Errors: clear messages, nothing written.
     before = ws.get_caption("1_src/a.png")
     missing = actions.caption("c", *caption_args("Missing"))
-    assert is_error(missing) and "pip install onnxruntime" in missing
+    assert is_error(missing)
+    assert "pip install onnxruntime" in missing
     broken = actions.caption("c", *caption_args("Broken"))
-    assert "Unexpected error: RuntimeError: model file exploded" in broken and "Traceback" not in broken
+    assert "Unexpected error: RuntimeError: model file exploded" in broken
+    assert "Traceback" not in broken
     assert "Captioner: pick one of" in actions.caption("c", *caption_args("Nope"))
     assert "Threshold: must be between 0 and 1" in actions.caption("c", *caption_args(threshold=1.5))
     assert "Max tags: must be a whole number" in actions.caption("c", *caption_args(max_tags=-1))
@@ -315,7 +350,8 @@ def test_stop_a_caption_run(actions, tmp_path):
     )
     html = actions.caption("s", *caption_args("Stopper"))
     assert "Stopping after the current image" in stopped[0]
-    assert "stopped" in html and "<b>2</b> written" in html
+    assert "stopped" in html
+    assert "<b>2</b> written" in html
 
 
 def test_every_error_is_a_message_not_a_trace(actions, tmp_path):
@@ -339,7 +375,8 @@ def test_every_error_is_a_message_not_a_trace(actions, tmp_path):
     assert "Replace: name the tag" in actions.bulk_replace("e", "", "x", "")
     assert "Position: must be 'start' or 'end'" in actions.bulk_add("e", "x", "middle", "")
     out = actions.advise("e", 0, 1, "", False)
-    assert "Max train epochs: must be a whole number of at least 1" in out[0] and out[1:] == [gr.update()] * 3
+    assert "Max train epochs: must be a whole number of at least 1" in out[0]
+    assert out[1:] == [gr.update()] * 3
     assert "no images" in actions.advise("e", 1, 1, "", False)[0].lower()
 
     # One operation at a time per workspace.
@@ -358,7 +395,8 @@ def test_every_error_is_a_message_not_a_trace(actions, tmp_path):
         html = actions.clean("e", "#fff")
     finally:
         Workspace.clean = ws_cls_method
-    assert "Unexpected error: OSError: disk on fire" in html and "Traceback" not in html
+    assert "Unexpected error: OSError: disk on fire" in html
+    assert "Traceback" not in html
 
 
 def test_refresh_list_and_view(actions, tmp_path):
@@ -370,9 +408,14 @@ def test_refresh_list_and_view(actions, tmp_path):
     assert update == gr.update(choices=["a", "b"], value="b")
     assert actions.refresh_list("gone")[1]["value"] is None
     summary, table, items, ids, info = actions.view("", "", "")
-    assert "No workspace open" in summary and table["value"] == [] and items == [] and ids == []
+    assert "No workspace open" in summary
+    assert table["value"] == []
+    assert items == []
+    assert ids == []
     summary, table, items, ids, info = actions.view("a", "", "")
-    assert 'data-workspace="a"' in summary and "No images yet" in summary and "0 of 0" in info
+    assert 'data-workspace="a"' in summary
+    assert "No images yet" in summary
+    assert "0 of 0" in info
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,12 +430,17 @@ def test_problems_are_escaped_sorted_and_capped():
         Problem("renamed", "b.png", "renamed", "warning"),
     ]
     html = workshop_render.problems_html(problems)
-    assert "<img src=x" not in html and "&lt;img src=x" in html and "&lt;b&gt;file" in html
+    assert "<img src=x" not in html
+    assert "&lt;img src=x" in html
+    assert "&lt;b&gt;file" in html
     assert html.index("damaged") < html.index("renamed") < html.index("converted")
-    assert "1 error, 1 warning, 1 note" in html and "<details" in html and " open>" in html
+    assert "1 error, 1 warning, 1 note" in html
+    assert "<details" in html
+    assert " open>" in html
     assert " open>" not in workshop_render.problems_html(problems[:1])  # notes only: folded
     many = workshop_render.problems_html([Problem("x", f"{i}.png", "m") for i in range(250)])
-    assert "and 50 more" in many and many.count("<tr>") == workshop_render.PROBLEM_ROWS + 1
+    assert "and 50 more" in many
+    assert many.count("<tr>") == workshop_render.PROBLEM_ROWS + 1
     assert workshop_render.problems_html([]) == ""
 
 
@@ -411,7 +459,7 @@ def test_error_html():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture()
+@pytest.fixture
 def host(tmp_path):
     return FakeHost(tmp_path / "host")
 
@@ -440,8 +488,10 @@ def test_workshop_tab_inside_create_tab(host, tmp_path):
     from gradio.helpers import special_args
 
     fns = {f.fn.__name__: f.fn for f in tab.fns if f.fn is not None}
-    assert special_args(fns["select_image"])[2] == 2 and special_args(fns["pick_tag"])[2] == 1
-    assert special_args(fns["caption"])[1] is not None and special_args(fns["clean"])[1] == 2
+    assert special_args(fns["select_image"])[2] == 2
+    assert special_args(fns["pick_tag"])[2] == 1
+    assert special_args(fns["caption"])[1] is not None
+    assert special_args(fns["clean"])[1] == 2
     assert not (tmp_path / "ws").exists()  # building creates nothing
     assert ui.components["captioner"].choices == [] or ui.components["captioner"].value is None
 
@@ -480,7 +530,8 @@ def test_runtime_wires_the_workshop_with_the_webui_captioners(monkeypatch, tmp_p
         # A training run (or a generation) holds the queue lock: the run says so, writes nothing.
         with fake.queue_lock:
             html = actions.caption("webui", *caption_args("DeepBooru", threshold=0.5, triggers="x"))
-        assert is_error(html) and "The WebUI is busy" in html
+        assert is_error(html)
+        assert "The WebUI is busy" in html
         assert ws.get_caption("1_src/bright.png") == "a picture of 96x64 pixels, mean 250"
 
 
@@ -491,7 +542,8 @@ def test_webui_captioners_follow_the_protocol(tmp_path):
     with fake.installed():
         be = fake.backend.captioners
         booru, blip = be.DeepBooruCaptioner(threshold=0.8), be.BlipCaptioner()
-        assert isinstance(booru, Captioner) and isinstance(blip, Captioner)
+        assert isinstance(booru, Captioner)
+        assert isinstance(blip, Captioner)
         bright = Image.new("RGB", (32, 32), (250, 250, 250))
         assert [t for t, _ in booru.caption(bright)] == ["bright", "1girl"]
         assert [t for t, _ in booru.caption(bright)] == ["bright", "1girl"]  # later images wait their turn

@@ -56,8 +56,11 @@ class FakeSession:
 
 def test_read_selected_tags(tags_file):
     t = read_selected_tags(tags_file)
-    assert t.names[4] == "1girl" and len(t.names) == 10
-    assert t.rating == (0, 1, 2, 3) and t.general == (4, 5, 6, 7) and t.character == (8, 9)
+    assert t.names[4] == "1girl"
+    assert len(t.names) == 10
+    assert t.rating == (0, 1, 2, 3)
+    assert t.general == (4, 5, 6, 7)
+    assert t.character == (8, 9)
 
 
 def test_bad_tag_file(tmp_path):
@@ -70,12 +73,14 @@ def test_bad_tag_file(tmp_path):
 def test_preprocess_pads_resizes_and_swaps_to_bgr():
     img = Image.new("RGB", (200, 100), (255, 0, 0))  # pure red, wide
     x = preprocess(img, 448)
-    assert x.shape == (1, 448, 448, 3) and x.dtype == np.float32
+    assert x.shape == (1, 448, 448, 3)
+    assert x.dtype == np.float32
     centre = x[0, 224, 224]
     assert centre.tolist() == [0.0, 0.0, 255.0]  # BGR: red is the last channel
     assert x[0, 5, 224].tolist() == [255.0, 255.0, 255.0]  # white padding above
     assert x[0, 443, 224].tolist() == [255.0, 255.0, 255.0]  # and below
-    assert x.max() <= 255.0 and x.min() >= 0.0  # 0-255, not normalised
+    assert x.max() <= 255.0
+    assert x.min() >= 0.0
 
 
 def test_preprocess_transparency_onto_white():
@@ -102,7 +107,8 @@ def test_captioner_with_fake_session(tags_file):
     out = wd.caption(Image.new("RGB", (64, 32), (0, 255, 0)))
     assert [n for n, _ in out] == ["1girl", "hatsune_miku", "long_hair", "^_^"]
     [feed] = sess.feeds
-    assert list(feed) == ["input_1:0"] and feed["input_1:0"].shape == (1, 448, 448, 3)
+    assert list(feed) == ["input_1:0"]
+    assert feed["input_1:0"].shape == (1, 448, 448, 3)
 
 
 def test_captioner_uses_model_input_size(tags_file):
@@ -156,8 +162,11 @@ def test_download_failure_says_where_to_put_files(tmp_path, monkeypatch):
     with pytest.raises(CaptionerUnavailable) as e:
         wd.load()
     msg = str(e.value)
-    assert "Could not download" in msg and "no network" in msg
-    assert str(model_dir) in msg and "model.onnx" in msg and "selected_tags.csv" in msg
+    assert "Could not download" in msg
+    assert "no network" in msg
+    assert str(model_dir) in msg
+    assert "model.onnx" in msg
+    assert "selected_tags.csv" in msg
     assert "https://huggingface.co/SmilingWolf/wd-v1-4-moat-tagger-v2" in msg
     assert calls[0][:2] == ("SmilingWolf/wd-v1-4-moat-tagger-v2", "model.onnx")
 

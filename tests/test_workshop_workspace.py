@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_create_open_list(tmp_path):
     root = tmp_path / "workspaces"
     ws = Workspace.create(root, "My set 1")
-    assert ws.path == (root / "My set 1").absolute() and (ws.path / ".workshop" / "state.json").is_file()
+    assert ws.path == (root / "My set 1").absolute()
+    assert (ws.path / ".workshop" / "state.json").is_file()
     assert Workspace.list_workspaces(root) == ["My set 1"]
     assert Workspace.open(root / "My set 1").name == "My set 1"
     with pytest.raises(DatasetError, match="No workspace"):
@@ -40,7 +41,8 @@ def test_user_folders_are_never_adopted(tmp_path):
         Workspace.create(tmp_path / "workspaces", "photos")
     with pytest.raises(DatasetError, match="No workspace"):
         Workspace.open(user)
-    assert tree_hashes(user) == before and not (user / ".workshop").exists()
+    assert tree_hashes(user) == before
+    assert not (user / ".workshop").exists()
     (tmp_path / "workspaces" / "empty").mkdir()
     assert Workspace.create(tmp_path / "workspaces", "empty").summary().images == 0
 
@@ -53,9 +55,11 @@ def test_state_lives_on_disk(tmp_path):
     ws.bulk_add(["x"])
     again = Workspace.open(ws.path)  # a fresh object, as after a UI reload
     s = again.summary()
-    assert s.images == 1 and s.captioned == 1
+    assert s.images == 1
+    assert s.captioned == 1
     assert [(c.folder, c.repeats, c.images) for c in s.concepts] == [("3_src", 3, 1)]
-    assert s.undo["operation"] == "add x" and s.imports[0]["images"] == 1
+    assert s.undo["operation"] == "add x"
+    assert s.imports[0]["images"] == 1
     json.dumps(s.to_dict())
 
 
@@ -96,10 +100,13 @@ def test_full_flow_feeds_training(tmp_path):
     items = scan_dataset(ws.path)
     by_name = {Path(it.path).name: it for it in items}
     assert len(items) == 16
-    assert by_name["web.png"].caption == "hero, from blip" and by_name["web.png"].repeats == 10
-    assert by_name["bg.png"].caption == "arrière-plan" and by_name["bg.png"].repeats == 2
+    assert by_name["web.png"].caption == "hero, from blip"
+    assert by_name["web.png"].repeats == 10
+    assert by_name["bg.png"].caption == "arrière-plan"
+    assert by_name["bg.png"].repeats == 2
     assert by_name["rgb.png"].caption == "hero"
-    assert items.report.non_utf8_captions == [] and items.report.missing_captions == []
+    assert items.report.non_utf8_captions == []
+    assert items.report.missing_captions == []
     assert set(items.report.subsets) == {"10_hero", "2_bg"}
 
 
@@ -128,15 +135,19 @@ def test_one_operation_at_a_time(tmp_path):
     ws = Workspace.create(tmp_path, "lock")
     same = Workspace.open(tmp_path / "lock")
     other = Workspace.create(tmp_path, "other")
-    assert ws.running() is None and not ws.request_stop()
+    assert ws.running() is None
+    assert not ws.request_stop()
     with ws.busy("captioning with Stub") as stop:
-        assert same.running() == "captioning with Stub" and other.running() is None
+        assert same.running() == "captioning with Stub"
+        assert other.running() is None
         with pytest.raises(DatasetError, match=r"busy \(captioning with Stub\)"), same.busy("cleaning"):
             pass
         with other.busy("cleaning"):
             pass
-        assert not same.request_stop("cleaning") and not stop.is_set()
-        assert same.request_stop("captioning") and stop.is_set()
+        assert not same.request_stop("cleaning")
+        assert not stop.is_set()
+        assert same.request_stop("captioning")
+        assert stop.is_set()
     assert ws.running() is None
     with same.busy("cleaning") as stop:
         assert not stop.is_set()  # a fresh stop request per operation

@@ -12,6 +12,7 @@ from typing import NamedTuple
 from lora_trainer.config.kohya_toml import parse_toml
 from lora_trainer.config.model import TrainConfig
 from lora_trainer.errors import ConfigError
+from lora_trainer.files.atomic_write import atomic_write_bytes
 
 __all__ = ["PRESETS", "Preset", "get_preset", "list_presets", "load_preset", "save_preset"]
 
@@ -92,5 +93,4 @@ def save_preset(
     if path.exists() and not overwrite:
         raise ConfigError("preset", f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config.to_toml(description=description), encoding="utf-8")
-    return path
+    return atomic_write_bytes(path, config.to_toml(description=description).encode("utf-8"))

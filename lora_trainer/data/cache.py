@@ -171,7 +171,8 @@ class LatentCache:
 
         if not path.is_file():
             return None
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        # safetensors 0.4.2 ships no stub for safe_open's context-manager methods.
+        with safe_open(str(path), framework="pt", device="cpu") as f:  # pyright: ignore[reportGeneralTypeIssues]
             meta = f.metadata() or {}
             if meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION:
                 raise ValueError("not a latent-cache file of this version")

@@ -131,7 +131,7 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
         mode = "RGBA"
     if mode in ("RGBA", "LA", "RGBa", "La"):
         rgba = img.convert("RGBA")
-        base = Image.new("RGBA", rgba.size, (*background, 255))
+        base = Image.new("RGBA", rgba.size, (*background, 255))  # pyright: ignore[reportArgumentType] (old Pillow stub)
         base.alpha_composite(rgba)
         return base.convert("RGB")
     return img.convert("RGB")

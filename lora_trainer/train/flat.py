@@ -38,4 +38,5 @@ def flatten(params: list[nn.Parameter]) -> nn.Parameter:
 def zero_flat_grads(flats: list[nn.Parameter]) -> None:
     """Zero in place: the small parameters' grads are views that must stay bound."""
     for flat in flats:
-        flat.grad.zero_()
+        if flat.grad is not None:
+            flat.grad.zero_()

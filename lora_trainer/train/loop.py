@@ -24,27 +24,26 @@ from pathlib import Path
 
 import torch
 
+from lora_trainer import __version__
+from lora_trainer.config import TrainConfig
+from lora_trainer.contracts import FAMILIES, Conditioning, ModelAdapter, SizeCond
+from lora_trainer.data.buckets import BucketSettings
+from lora_trainer.data.cache import LatentCache
+from lora_trainer.data.captions import process_caption, split_tags
+from lora_trainer.data.dataset import TrainDataset
+from lora_trainer.data.scan import dataset_dirs_info, dataset_tag_frequency, scan_dataset
+from lora_trainer.errors import ConfigError, IncompatibleModelError
 from lora_trainer.files.kohya_metadata import TrainingInfo, build_metadata, optimizer_string
 from lora_trainer.files.lora_file import save_lora
 from lora_trainer.files.resume_state import StateFileError, load_state, save_state
-
-from .. import __version__
-from ..config import TrainConfig
-from ..contracts import FAMILIES, Conditioning, ModelAdapter, SizeCond
-from ..data.buckets import BucketSettings
-from ..data.cache import LatentCache
-from ..data.captions import process_caption, split_tags
-from ..data.dataset import TrainDataset
-from ..data.scan import dataset_dirs_info, dataset_tag_frequency, scan_dataset
-from ..errors import ConfigError, IncompatibleModelError
-from ..log import logger
-from ..naming import find_targets
-from ..networks.network import LoRANetwork
-from . import objectives
-from .callbacks import Callbacks, ProgressMeter, TrainResult
-from .flat import ELEMENTWISE_OPTIMIZERS, flatten, zero_flat_grads
-from .guard import checkpointed, frozen_base, unet_blocks
-from .optim import build_optimizer, build_scheduler, current_lrs, param_groups_for
+from lora_trainer.log import logger
+from lora_trainer.naming import find_targets
+from lora_trainer.networks.network import LoRANetwork
+from lora_trainer.train import objectives
+from lora_trainer.train.callbacks import Callbacks, ProgressMeter, TrainResult
+from lora_trainer.train.flat import ELEMENTWISE_OPTIMIZERS, flatten, zero_flat_grads
+from lora_trainer.train.guard import checkpointed, frozen_base, unet_blocks
+from lora_trainer.train.optim import build_optimizer, build_scheduler, current_lrs, param_groups_for
 
 TE_GROUPS = ("te", "te1", "te2")
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}

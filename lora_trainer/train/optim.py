@@ -24,7 +24,7 @@ import math
 import numbers
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -278,10 +278,9 @@ def build_optimizer(
         raise ConfigError(_ARGS_FIELD, "set the learning rate with the learning rate setting, not in optimizer_args")
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
         raise ConfigError(_LR_FIELD, f"learning rate must be a number >= 0, got {lr!r}")
-    groups = list(param_groups)
-    if groups and not isinstance(groups[0], dict):
-        groups = [{"params": groups}]
-    groups = [dict(g, params=list(g["params"])) for g in groups]
+    items = list(param_groups)
+    given = cast(list[dict[str, Any]], items) if items and isinstance(items[0], dict) else [{"params": items}]
+    groups: list[dict[str, Any]] = [dict(g, params=list(g["params"])) for g in given]
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ConfigError(_LR_FIELD, "nothing to train: every parameter group is empty or has learning rate 0")
@@ -427,6 +426,6 @@ def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
         elif group.get("relative_step") and hasattr(optimizer, "_get_lr"):
             state = optimizer.state.get(group["params"][0], {})
             if state.get("step"):
-                lr = optimizer._get_lr(group, state)
+                lr = optimizer._get_lr(group, state)  # pyright: ignore[reportAttributeAccessIssue] (Adafactor)
         out[name] = float(lr)
     return out

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import gradio as gr
 
@@ -58,7 +58,7 @@ ROW_SIZE = 3  # narrow fields per row
 RESYNC_EVERY = 5  # polls between full refreshes of the run panel
 POLL_OUTPUTS = 9  # model line, status, plot, previews, start, resume, stop, send, send text
 
-WorkshopHook = Callable[[gr.Textbox], None]
+WorkshopHook = Callable[[gr.Textbox], object]
 """Builds the dataset workshop UI inside its tab; gets the images-folder textbox to read and fill."""
 
 StartValues = Callable[[], tuple[str | None, dict[str, Any]]]
@@ -123,7 +123,7 @@ def create_tab(
                             # the images-folder textbox so it can read it and point it at what it
                             # prepares. Keep training settings out of it: they are the fields.
                             with gr.Tab("Dataset workshop", elem_id="lora_train_section_workshop"):
-                                workshop(components["dataset.train_data_dir"])
+                                workshop(cast(gr.Textbox, components["dataset.train_data_dir"]))
 
             with gr.Column(scale=2, elem_id="lora_train_run"):
                 gr.HTML('<div class="lora_train_run_title">Run</div>' + _help_json())
@@ -169,10 +169,10 @@ def create_tab(
             inputs=[poll_state],
             outputs=[model_info, status, plot, samples, start, resume, stop, send, send_text],
             every=poll_every,
-            show_progress=False,
+            show_progress=False,  # pyright: ignore[reportArgumentType] (gradio 3.41 takes False for "hidden")
             api_name=False,
         )
-    tab.lora_train_components = components  # for tests and the workshop: dotted path -> component
+    tab.lora_train_components = components  # pyright: ignore[reportAttributeAccessIssue]  # for tests and the workshop: dotted path -> component
     return tab
 
 

@@ -87,13 +87,13 @@ def preprocess(image: Image.Image, size: int = DEFAULT_SIZE) -> np.ndarray:
     """``image`` as the model's input: (1, size, size, 3) float32, BGR, 0-255, padded square with white."""
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # pyright: ignore[reportArgumentType] (old Pillow stub)
         canvas.alpha_composite(rgba)
         image = canvas
     image = image.convert("RGB")
     w, h = image.size
     side = max(w, h)
-    square = Image.new("RGB", (side, side), (255, 255, 255))
+    square = Image.new("RGB", (side, side), (255, 255, 255))  # pyright: ignore[reportArgumentType] (old Pillow stub)
     square.paste(image, ((side - w) // 2, (side - h) // 2))
     if side != size:
         square = square.resize((size, size), Image.Resampling.BICUBIC)

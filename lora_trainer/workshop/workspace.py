@@ -37,7 +37,7 @@ from pathlib import Path
 from lora_trainer.data.buckets import BucketSettings
 from lora_trainer.data.images import DEFAULT_MAX_PIXELS
 from lora_trainer.data.layout import WORKSHOP_STATE_DIR, is_workshop_image, parse_subset_folder
-from lora_trainer.errors import DatasetError
+from lora_trainer.errors import ConfigError, DatasetError
 from lora_trainer.workshop import advisor, importer, sizing
 from lora_trainer.workshop import tags as tag_editor
 from lora_trainer.workshop.captioning import Captioner, CaptionOptions, CaptionReport, caption_workspace
@@ -325,7 +325,12 @@ class Workspace:
         bucket_no_upscale: bool = False,
     ) -> sizing.BucketPlanReport:
         """The aspect-ratio buckets training will use for these settings (kohya's options)."""
-        res = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        if isinstance(resolution, int):
+            res = (resolution, resolution)
+        elif len(resolution) == 2:
+            res = (int(resolution[0]), int(resolution[1]))
+        else:
+            raise ConfigError("dataset.resolution", f"must be one size or width,height, got {tuple(resolution)}")
         settings = BucketSettings(
             resolution=res,
             enable_bucket=True,
