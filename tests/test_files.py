@@ -62,7 +62,10 @@ def listing(directory: Path) -> dict[str, bytes]:
 def test_tiny_worked_example():
     example = WORKED["tiny"]
     raw = bytes.fromhex(example["bytes_hex"])
-    assert hashes.hashes_from_bytes(raw) == (example["kohya_addnet_hash_safetensors"], example["kohya_addnet_hash_legacy"])
+    assert hashes.hashes_from_bytes(raw) == (
+        example["kohya_addnet_hash_safetensors"],
+        example["kohya_addnet_hash_legacy"],
+    )
     # the example is what safetensors writes for {"a": [1., 2.]} without metadata
     assert safetensors.torch.save({"a": torch.tensor([1.0, 2.0])}) == raw
     assert hashes.compute_hashes({"a": torch.tensor([1.0, 2.0])}, {}) == (
@@ -183,7 +186,9 @@ def test_build_metadata_writes_kohyas_keys_as_strings():
 
 
 def test_build_metadata_defaults_follow_kohya():
-    meta = kohya_metadata.build_metadata(kohya_metadata.TrainingInfo(family="sd1", output_name="x", max_token_length=75))
+    meta = kohya_metadata.build_metadata(
+        kohya_metadata.TrainingInfo(family="sd1", output_name="x", max_token_length=75)
+    )
     assert "ss_network_args" not in meta  # kohya writes it only with --network_args
     for key in ("ss_sd_model_hash", "ss_new_sd_model_hash", "ss_sd_model_name", "ss_vae_name", "ss_vae_hash"):
         assert key not in meta
@@ -213,7 +218,9 @@ def test_build_metadata_minimal_is_kohyas_no_metadata_set():
     ],
 )
 def test_family_markers_and_modelspec(family, v_pred, version, v2, example):
-    meta = kohya_metadata.build_metadata(kohya_metadata.TrainingInfo(family=family, output_name="my_lora", v_prediction=v_pred))
+    meta = kohya_metadata.build_metadata(
+        kohya_metadata.TrainingInfo(family=family, output_name="my_lora", v_prediction=v_pred)
+    )
     assert meta["ss_base_model_version"] == version
     assert meta["ss_v2"] == v2
     assert meta["modelspec.prediction_type"] == ("v" if v_pred else "epsilon")
@@ -234,7 +241,10 @@ def test_unknown_family_is_a_config_error():
 
 def test_optimizer_string():
     assert kohya_metadata.optimizer_string(torch.optim.AdamW) == "torch.optim.adamw.AdamW"
-    assert kohya_metadata.optimizer_string(torch.optim.AdamW, {"weight_decay": 0.1}) == "torch.optim.adamw.AdamW(weight_decay=0.1)"
+    assert (
+        kohya_metadata.optimizer_string(torch.optim.AdamW, {"weight_decay": 0.1})
+        == "torch.optim.adamw.AdamW(weight_decay=0.1)"
+    )
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     assert (
         kohya_metadata.optimizer_string(opt, ["momentum=0.9", "nesterov=True"])

@@ -372,7 +372,9 @@ def test_cli_table_and_json(tmp_path, capsys):
     path = lora_file.save_lora(
         tmp_path / "c.safetensors",
         kohya_state_dict("sd1", True),
-        kohya_metadata.build_metadata(kohya_metadata.TrainingInfo(family="sd1", output_name="cli_lora", conv_dim=2, conv_alpha=1)),
+        kohya_metadata.build_metadata(
+            kohya_metadata.TrainingInfo(family="sd1", output_name="cli_lora", conv_dim=2, conv_alpha=1)
+        ),
     )
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out

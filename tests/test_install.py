@@ -119,6 +119,8 @@ def test_run_as_the_webui_runs_it(monkeypatch):
     assert launch.pip_calls == []
 
 
-@pytest.mark.parametrize(("text", "expected"), [("0.10.2", (0, 10, 2)), ("1.1.2rc1", (1, 1, 2)), ("2.0.0+cu118", (2, 0, 0))])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("0.10.2", (0, 10, 2)), ("1.1.2rc1", (1, 1, 2)), ("2.0.0+cu118", (2, 0, 0))]
+)
 def test_version_parsing(text, expected):
     assert load_install()._version_tuple(text) == expected

@@ -317,9 +317,7 @@ def test_loss_svg():
 
 def test_model_html_refuses_unsupported_models(host):
     assert "SD 1.x" in render.model_html(host.model_info())
-    assert "Cannot train" not in render.model_html(
-        host.model_info()
-    )
+    assert "Cannot train" not in render.model_html(host.model_info())
     host.problem = "the loaded model is an SD3 model, which is not supported"
     html = render.model_html(host.model_info())
     assert "lora_train_model_bad" in html

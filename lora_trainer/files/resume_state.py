@@ -123,9 +123,7 @@ class _Flattener:
             return [self.encode(v, f"{where}[{i}]") for i, v in enumerate(obj)]
         if isinstance(obj, dict):
             tag = "$odict" if isinstance(obj, collections.OrderedDict) else "$dict"
-            return {
-                tag: [[self.encode(k, f"{where} key"), self.encode(v, f"{where}[{k!r}]")] for k, v in obj.items()]
-            }
+            return {tag: [[self.encode(k, f"{where} key"), self.encode(v, f"{where}[{k!r}]")] for k, v in obj.items()]}
         raise TypeError(f"{where}: cannot store a {type(obj).__module__}.{type(obj).__qualname__} without pickle")
 
 

@@ -174,11 +174,7 @@ def duplicates_html(r: DuplicateReport) -> str:
 
     rows = [("exact", files(g), "same file content") for g in r.exact]
     rows += [("near", files(g), f"distance {g.distance} of 128 bits") for g in r.near]
-    groups = (
-        _table(("Kind", "Files (bold: the one to keep)", ""), rows)
-        if rows
-        else note_html("No duplicates found.")
-    )
+    groups = _table(("Kind", "Files (bold: the one to keep)", ""), rows) if rows else note_html("No duplicates found.")
     removed = ""
     if r.removed:
         removed = _table(
@@ -347,5 +343,3 @@ def _same_path(a: str, b: str) -> bool:
 def tag_rows(stats: TagStats) -> list[list[Any]]:
     """The frequency table's rows: [tag, images having it], most common first."""
     return [[t.tag, t.count] for t in stats.tags]
-
-

@@ -264,7 +264,11 @@ def _plan_image(
             raise
         except Exception as e:  # noqa: BLE001 - a captioner may raise anything; one bad image must not stop a long run
             _fail(
-                report, rel, "caption_failed", f"{captioner.name} failed on {rel}: {type(e).__name__}: {e}", existing or ""
+                report,
+                rel,
+                "caption_failed",
+                f"{captioner.name} failed on {rel}: {type(e).__name__}: {e}",
+                existing or "",
             )
             return None
         finally:

@@ -25,6 +25,7 @@ caption in ``<name>.txt`` beside it:
 
 Images are copied byte for byte; :meth:`Workspace.clean` converts and checks them afterwards.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -336,7 +337,10 @@ class _ImportRun:
             code = "unreadable" if isinstance(e2, OSError) else "corrupt_member"
             why = e2.strerror if isinstance(e2, OSError) and e2.strerror else str(e2)
             self._skip(
-                code, e, f"Cannot read {e.display} ({why}); it was skipped. Check its permissions or re-create it.", "error"
+                code,
+                e,
+                f"Cannot read {e.display} ({why}); it was skipped. Check its permissions or re-create it.",
+                "error",
             )
             return False
         return True

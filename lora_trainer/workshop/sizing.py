@@ -226,7 +226,9 @@ def _check_resize_args(width: int, height: int, crop: str) -> None:
         raise ConfigError("workshop.resize.crop", f"must be one of {', '.join(CROP_MODES)}, not {crop!r}")
 
 
-def _leave_as_is(rel: str, size: tuple[int, int], target: tuple[int, int], first: bool, upscale: bool, report: ResizeReport) -> bool:
+def _leave_as_is(
+    rel: str, size: tuple[int, int], target: tuple[int, int], first: bool, upscale: bool, report: ResizeReport
+) -> bool:
     """True (reported, skipped) when the image is not resized: already the size on a first
     resize, or smaller than it with upscaling off."""
     w, h = size
@@ -245,7 +247,12 @@ def _leave_as_is(rel: str, size: tuple[int, int], target: tuple[int, int], first
 
 
 def _focus(
-    img: Image.Image, rel: str, crop: str, target: tuple[int, int], points: Mapping[str, tuple[float, float]], report: ResizeReport
+    img: Image.Image,
+    rel: str,
+    crop: str,
+    target: tuple[int, int],
+    points: Mapping[str, tuple[float, float]],
+    report: ResizeReport,
 ) -> tuple[float, float]:
     """The crop's focal point (x, y in 0..1) for crop mode ``crop``."""
     if crop == "focal":

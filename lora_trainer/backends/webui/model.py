@@ -79,7 +79,7 @@ def _unet_in_channels(unet: Any) -> int:
 
 
 def _sdxl_family(sd_model: SDModel, name: str, in_channels: int, inpainting: bool, special: str) -> str:
-    """"sdxl" for an SDXL base text-to-image model, else IncompatibleModelError."""
+    """ "sdxl" for an SDXL base text-to-image model, else IncompatibleModelError."""
     if inpainting or in_channels != 4:
         raise IncompatibleModelError(f"{name} is {special} SDXL model; only text-to-image models can be trained")
     embedders = list(getattr(getattr(sd_model, "conditioner", None), "embedders", []))
@@ -94,7 +94,7 @@ def _sdxl_family(sd_model: SDModel, name: str, in_channels: int, inpainting: boo
 
 
 def _sd_family(sd_model: SDModel, name: str, in_channels: int, special: str) -> str:
-    """"sd1" or "sd2" for an SD1.x/SD2.x text-to-image model, else IncompatibleModelError."""
+    """ "sd1" or "sd2" for an SD1.x/SD2.x text-to-image model, else IncompatibleModelError."""
     if getattr(sd_model, "cond_stage_key", "txt") == "edit":
         raise IncompatibleModelError(f"{name} is an instruct-pix2pix model; only text-to-image models can be trained")
     conditioning_key = getattr(sd_model.model, "conditioning_key", "crossattn")
