@@ -698,3 +698,14 @@ def test_state_errors(tmp_path):
         resume_state.load_state_dict_and_json(tmp_path, name="two")
     with pytest.raises(TypeError, match="JSON"):
         resume_state.save_state_dict_and_json(tmp_path, {}, {"x": object()})
+
+
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX file modes")
+def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path):
+    """A finished file is as readable as any file the user writes (mkstemp alone makes it 0600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    target = atomic_write.atomic_write_bytes(tmp_path / "lora.safetensors", b"data")
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"data")
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~umask

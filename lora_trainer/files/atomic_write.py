@@ -7,6 +7,7 @@ fails. Without ``overwrite`` an existing file is never replaced: the first free 
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Iterable
@@ -48,11 +49,25 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file (0o666 less the umask). ``mkstemp`` makes its files
+    0o600, which would leave a finished LoRA unreadable to other users of the machine."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), 0o022)
+    except (OSError, ValueError):
+        umask = 0o022
+    return 0o666 & ~umask
+
+
 def write_temp(directory: Path, stem: str, chunks: Iterable[bytes | memoryview], durable: bool = True) -> Path:
     """Write ``chunks`` to a fresh hidden temp file in ``directory`` (fsync'ed if ``durable``); removed on failure."""
     fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{stem}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
+        if hasattr(os, "fchmod"):  # POSIX: the mode a plain open() would have given the file
+            os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
