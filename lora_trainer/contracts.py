@@ -21,7 +21,8 @@ an OpenCLIP text encoder ``transformer.resblocks.N...``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from torch import nn
 if TYPE_CHECKING:
     from lora_trainer.config import TrainConfig
     from lora_trainer.jobs import Job
+    from lora_trainer.train.memory import ModelProfile
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -86,6 +88,16 @@ class ModelAdapter(Protocol):
 
     Optional: ``default_clip_skip`` (int), the host's own clip-skip setting, used when the
     config leaves ``training.clip_skip`` unset (1 when the adapter has none).
+
+    Optional: ``encode_images_fp32(pixels) -> latents``, :meth:`encode_images` with the VAE run in
+    float32 for that call and put back as it was afterwards (the WebUI's automatic VAE precision
+    fallback, on encode). The trainer calls it for images a half-precision VAE turned into NaN/inf;
+    without it such an image stops the run.
+
+    Optional: ``place(parts) -> ContextManager[None]``, for hosts that keep parts of the model in CPU
+    memory (the WebUI's --medvram/--lowvram): for the block, the parts named (of :data:`MODEL_PARTS`)
+    are on :attr:`device` and the others in CPU memory; afterwards the placement before it is back.
+    The trainer calls it through :func:`placement` (a no-op for an adapter without it).
     """
 
     family: str
@@ -129,6 +141,24 @@ class ModelAdapter(Protocol):
         ...
 
 
+MODEL_PARTS = ("vae", "text_encoders", "unet")
+"""The parts of a model :func:`placement` moves: the VAE, the text encoder(s), the denoiser."""
+
+
+def placement(adapter: object, parts: Iterable[str]) -> ContextManager[None]:
+    """``adapter.place(parts)`` when the adapter places parts itself, else a context that does nothing.
+
+    The trainer wraps each phase of a run in it: the VAE while latents are encoded, the text
+    encoders while captions are encoded, the parts the steps use for the steps.
+    """
+    wanted = frozenset(parts)
+    unknown = wanted - set(MODEL_PARTS)
+    if unknown:
+        raise ValueError(f"unknown model parts {sorted(unknown)}; expected some of {MODEL_PARTS}")
+    place: Callable[[frozenset[str]], ContextManager[None]] | None = getattr(adapter, "place", None)
+    return place(wanted) if place is not None else contextlib.nullcontext()
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """The loaded model as the tab shows it; ``problem`` says why it cannot be trained, if so."""
@@ -137,6 +167,24 @@ class ModelInfo:
     checkpoint: str
     vae: str
     problem: str | None = None
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """The device a run would train on and its memory now, for the memory plan.
+
+    ``device``: "cuda", "mps" or "cpu"; ``free_bytes``: what a run can use, the loaded model's weights
+    already on the device included (the plan counts them itself); ``total_bytes``; None when unknown;
+    ``attention``: the host's attention implementation ("sdp", "xformers", "Doggettx" ...; "" unknown);
+    ``placement``: "" or the host's "medvram"/"lowvram" (parts not in use kept in CPU memory).
+    """
+
+    device: str
+    free_bytes: int | None
+    total_bytes: int | None
+    name: str = ""
+    attention: str = ""
+    placement: str = ""
 
 
 class Host(Protocol):
@@ -153,6 +201,14 @@ class Host(Protocol):
         ...
 
     def model_info(self) -> ModelInfo: ...
+
+    def free_memory(self) -> DeviceMemory:
+        """The training device's free and total memory now (CUDA: ``mem_get_info``; CPU: available RAM)."""
+        ...
+
+    def model_profile(self) -> ModelProfile | None:
+        """Sizes of the loaded model for the memory plan (``train.memory.profile_model``); None if none is loaded."""
+        ...
 
     def training_session(self) -> ContextManager[ModelAdapter]:
         """The loaded model as a ModelAdapter, for one run; puts everything back on exit."""

@@ -26,5 +26,26 @@ class LoraFileError(LoraTrainerError):
     """A file that is not a readable LoRA (damaged, not safetensors, no LoRA keys)."""
 
 
+class NonFiniteError(LoraTrainerError):
+    """NaN or inf where training needs finite numbers: several steps in a row, or LoRA weights about to be saved."""
+
+
+class OutOfMemory(LoraTrainerError):
+    """The device ran out of memory in ``phase``; ``advice`` says which settings to change.
+
+    ``saved``: the file holding what was trained before it (None when nothing was saved).
+    """
+
+    def __init__(self, phase: str, advice: str, saved: str | None = None):
+        self.phase, self.advice, self.saved = phase, advice, saved
+        super().__init__(phase, advice, saved)
+
+    def __str__(self) -> str:
+        text = f"Out of memory during {self.phase}" + (f" {self.advice}" if self.advice else ".")
+        if self.saved:
+            text += f" What was trained so far is saved in {self.saved} (with its resume state)."
+        return text
+
+
 class TrainingInterrupted(LoraTrainerError):
     """Raised inside the loop when the caller asked to stop."""

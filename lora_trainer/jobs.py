@@ -4,6 +4,13 @@ The UI, the REST API and the CLI all start training through a :class:`JobManager
 It talks to the program it runs in only through a :class:`Host`: the WebUI's host
 (``lora_trainer.backends.webui.host``) maps it onto ``shared.sd_model``, ``shared.state`` and the
 GPU queue lock; tests use a stand-in over tiny models.
+
+A run that runs out of device memory (latent caching, a step, a preview, saving) ends as
+"failed" (not "stopped", which is a stop someone asked for): ``error`` says in which phase, the
+estimated peak against the free memory, and which settings to change (``lora_trainer.train.memory``);
+when steps were done, what was trained is saved as a stop saves it (``output_file``, resume state).
+Every job's ``memory`` reports the estimated peak beside the measured one (CUDA's
+``max_memory_allocated``; on other devices the estimate only).
 """
 
 from __future__ import annotations
@@ -13,17 +20,20 @@ import dataclasses
 import itertools
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.contracts import Host
 from lora_trainer.data.scan import scan_dataset
-from lora_trainer.errors import IncompatibleModelError, LoraTrainerError
+from lora_trainer.errors import IncompatibleModelError, LoraTrainerError, OutOfMemory
 from lora_trainer.log import logger
 from lora_trainer.train.callbacks import Callbacks, StepInfo
+from lora_trainer.train.device import device_throughput, is_out_of_memory, release_memory
 from lora_trainer.train.loop import train
+from lora_trainer.train.memory import GB, Plan, estimate, format_bytes, settings_from_config
 
 
 class JobBusyError(LoraTrainerError):
@@ -40,8 +50,9 @@ STATES = ("queued", "running", "done", "stopped", "failed")
 @dataclasses.dataclass
 class Job:
     id: str
-    config: TrainConfig
+    config: TrainConfig  # what runs: the output folder resolved to the host's
     resume: bool = False
+    submitted: TrainConfig | None = None  # as given (an unset output folder stays unset): what the tab shows again
     state: str = "queued"
     phase: str = ""
     step: int = 0
@@ -52,12 +63,14 @@ class Job:
     avg_loss: float | None = None
     lr: dict[str, float] = dataclasses.field(default_factory=dict)
     steps_per_s: float = 0.0
+    skipped_steps: int = 0  # steps skipped for NaN/inf loss or gradients (lora_trainer.train.guards)
     eta_s: float | None = None
     losses: list[float] = dataclasses.field(default_factory=list)
     samples: list[str] = dataclasses.field(default_factory=list)
     saved: list[str] = dataclasses.field(default_factory=list)
     output_file: str | None = None
     error: str | None = None
+    memory: dict[str, Any] = dataclasses.field(default_factory=dict)  # estimated and measured peak
     created_at: float = dataclasses.field(default_factory=time.time)
     finished_at: float | None = None
     stop_requested: bool = False
@@ -82,11 +95,13 @@ class Job:
             "avg_loss": self.avg_loss,
             "lr": self.lr,
             "steps_per_s": self.steps_per_s,
+            "skipped_steps": self.skipped_steps,
             "eta_s": self.eta_s if self.eta_s is None or self.eta_s != float("inf") else None,
             "output_file": self.output_file,
             "saved": self.saved,
             "samples": self.samples,
             "error": self.error,
+            "memory": self.memory,
             "created_at": self.created_at,
             "finished_at": self.finished_at,
             **({"losses": self.losses} if with_losses else {}),
@@ -110,6 +125,7 @@ class _JobCallbacks(Callbacks):
         job = self.job
         job.step, job.epoch, job.loss, job.avg_loss = info.step, info.epoch, info.loss, info.avg_loss
         job.lr, job.steps_per_s, job.eta_s = info.lrs, info.steps_per_s, info.eta_s
+        job.skipped_steps = info.skipped_steps
         job.losses.append(info.loss)
         self.host.on_job_progress(job)
 
@@ -141,6 +157,7 @@ class JobManager:
 
     def start(self, cfg: TrainConfig, *, resume: bool = False) -> Job:
         """Validate and start; ConfigError, DatasetError or JobBusyError come back at once, nothing started."""
+        submitted = cfg
         if cfg.save.output_dir is None:
             cfg = dataclasses.replace(cfg, save=dataclasses.replace(cfg.save, output_dir=str(self.host.lora_dir)))
         cfg.validate()
@@ -155,7 +172,7 @@ class JobManager:
                     f"training '{running.config.save.output_name}' is still running ({running.id}); "
                     "wait for it or stop it first"
                 )
-            job = Job(id=f"job-{int(time.time())}-{next(self._ids)}", config=cfg, resume=resume)
+            job = Job(id=f"job-{int(time.time())}-{next(self._ids)}", config=cfg, resume=resume, submitted=submitted)
             self._jobs[job.id] = job
             self._forget_old()
             job.thread = threading.Thread(target=self._run, args=(job,), name=f"lora-train {job.id}", daemon=True)
@@ -194,49 +211,129 @@ class JobManager:
         for job in finished[: max(0, len(finished) - self.keep)]:
             del self._jobs[job.id]
 
+    def plan(self, cfg: TrainConfig) -> Plan | None:
+        """The memory and time plan of ``cfg`` on the loaded model and the host's device (None: no model)."""
+        profile = self.host.model_profile()
+        if profile is None:
+            return None
+        memory = self.host.free_memory()
+        settings = settings_from_config(cfg, attention=memory.attention or "sdp", placement=memory.placement)
+        return estimate(profile, settings, memory, flops_per_s=_throughput(memory.device))
+
     def _run(self, job: Job) -> None:
         host = self.host
+        plan: Plan | None = None
         try:
             job.phase = "Waiting for the GPU"
             with host.gpu_lock():
                 job.state, job.phase = "running", "Preparing"
                 host.on_job_start(job)
                 callbacks = _JobCallbacks(job, host, host.work_dir / "samples" / job.id)
+                plan = self._plan_quietly(job.config)
                 with host.training_session() as adapter:
-                    result = train(job.config, adapter, callbacks, work_dir=host.work_dir, resume=job.resume)
+                    peak = _PeakMemory(adapter.device)
+                    try:
+                        result = train(job.config, adapter, callbacks, work_dir=host.work_dir, resume=job.resume)
+                    finally:
+                        job.memory = _memory_report(plan, peak.measured())
             job.losses = list(result.losses)
             if result.output_path is None:
                 job.state, job.phase = "stopped", "Stopped before the first step: nothing saved"
                 return
-            job.phase = "Checking the file loads in the WebUI"
-            unplaced = host.verify_lora(result.output_path)
-            if unplaced:
-                raise LoraTrainerError(
-                    f"{result.output_path.name} does not fully load: {len(unplaced)} module(s) match nothing "
-                    f"in the loaded model (first: {', '.join(unplaced[:5])})"
-                )
-            host.publish_lora(result.output_path)
-            job.output_file = str(result.output_path)
-            job.state = "stopped" if result.stopped_early else "done"
-            job.phase = "Stopped; saved what was trained so far" if result.stopped_early else "Done"
+            self._finish(job, result.output_path, result.stopped_early)
+        except OutOfMemory as e:
+            self._out_of_memory(job, e, plan)
         except Exception as e:  # noqa: BLE001 - the job reports every failure; the host keeps running
             job.state = "failed"
             job.error = _describe(e)
             job.phase = "Failed"
-            logger.error("training job %s failed: %s", job.id, job.error)
-            if not isinstance(e, LoraTrainerError):
-                logger.debug("%s", traceback.format_exc())
+            # an expected error is its message; anything else gets its traceback too
+            logger.error("training job %s failed: %s", job.id, job.error, exc_info=not isinstance(e, LoraTrainerError))
         finally:
             job.finished_at = time.time()
             with contextlib.suppress(Exception):
                 host.on_job_end(job)
+
+    def _finish(self, job: Job, path: Path, stopped_early: bool) -> None:
+        host = self.host
+        job.phase = "Checking the file loads in the WebUI"
+        unplaced = host.verify_lora(path)
+        if unplaced:
+            raise LoraTrainerError(
+                f"{path.name} does not fully load: {len(unplaced)} module(s) match nothing "
+                f"in the loaded model (first: {', '.join(unplaced[:5])})"
+            )
+        host.publish_lora(path)
+        job.output_file = str(path)
+        job.state = "stopped" if stopped_early else "done"
+        job.phase = "Stopped; saved what was trained so far" if stopped_early else "Done"
+
+    def _plan_quietly(self, cfg: TrainConfig) -> Plan | None:
+        try:
+            return self.plan(cfg)
+        except Exception as e:  # noqa: BLE001 - the plan is advice: a failure to make one must not stop a run
+            logger.warning("no memory plan for this run: %s: %s", type(e).__name__, e)
+            return None
+
+    def _out_of_memory(self, job: Job, error: OutOfMemory, plan: Plan | None) -> None:
+        """End ``job`` as failed with advice; publish what was saved before the error."""
+        release_memory(error)
+        error.advice = _oom_advice(plan)
+        job.state, job.phase = "failed", "Out of memory"
+        job.error = str(error)
+        if error.saved:
+            job.output_file = error.saved
+            with contextlib.suppress(Exception):
+                self.host.publish_lora(Path(error.saved))
+        logger.error("training job %s: %s", job.id, job.error)
+
+
+class _PeakMemory:
+    """The run's peak of allocated device memory: CUDA's ``max_memory_allocated``; None elsewhere."""
+
+    def __init__(self, device: Any):
+        self.device = device if getattr(device, "type", None) == "cuda" else None
+        if self.device is not None:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def measured(self) -> float | None:
+        return None if self.device is None else float(torch.cuda.max_memory_allocated(self.device))
+
+
+def _memory_report(plan: Plan | None, measured: float | None) -> dict[str, Any]:
+    return {
+        "estimated_peak_gb": None if plan is None else round(plan.peak_bytes / GB, 3),
+        "measured_peak_gb": None if measured is None else round(measured / GB, 3),
+        "free_gb": None if plan is None or plan.free_bytes is None else round(plan.free_bytes / GB, 3),
+        "device": None if plan is None else plan.device,
+        "plan": None if plan is None else plan.summary(),
+    }
+
+
+def _oom_advice(plan: Plan | None) -> str:
+    generic = (
+        "Try: gradient checkpointing on, cache latents on, batch 1, a lower resolution or rank, "
+        "optimizer AdamW8bit, and close other programs using the GPU."
+    )
+    if plan is None:
+        return generic
+    s = plan.settings
+    head = f"at {s['width']}x{s['height']} px, batch {s['batch']}: estimated peak {format_bytes(plan.peak_bytes)}"
+    if plan.free_bytes is not None:
+        head += f" vs {format_bytes(plan.free_bytes)} free"
+    advice = plan.advice() or plan.advice_below(0.75)
+    return f"{head}. {advice or generic}"
+
+
+def _throughput(device: str) -> float | None:
+    return device_throughput(device) if device in ("cuda", "cpu") else None
 
 
 def _describe(e: BaseException) -> str:
     if isinstance(e, LoraTrainerError):
         return str(e)
     text = str(e)
-    if "out of memory" in text.lower():
+    if is_out_of_memory(e):
         return (
             "out of GPU memory: lower the batch size or resolution, turn on gradient checkpointing and latent "
             "caching, or use AdamW8bit/Adafactor"

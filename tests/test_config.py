@@ -75,6 +75,7 @@ def changed_config() -> TrainConfig:
             "dataset.max_token_length": 150,
             "dataset.cache_latents": False,
             "dataset.cache_latents_to_disk": True,  # invalid without cache_latents: still round-trips
+            "dataset.cache_text_encoder_outputs": True,  # invalid with shuffle_caption: still round-trips
             "network.network_module": "networks.lora",  # the only choice
             "network.network_dim": 64,
             "network.network_alpha": 32.5,
@@ -681,6 +682,16 @@ INVALID = [
     ({"dataset.caption_extension": "txt"}, "dataset.caption_extension", "like '.txt'"),
     ({"dataset.caption_extension": "./x"}, "dataset.caption_extension", "like '.txt'"),
     ({"dataset.cache_latents": False, "dataset.cache_latents_to_disk": True}, "dataset.cache_latents_to_disk", "needs"),
+    *(
+        ({"dataset.cache_text_encoder_outputs": True, path: value}, "dataset.cache_text_encoder_outputs", path)
+        for path, value in (
+            ("dataset.shuffle_caption", True),
+            ("dataset.caption_dropout_rate", 0.1),
+            ("dataset.caption_tag_dropout_rate", 0.1),
+            ("dataset.caption_dropout_every_n_epochs", 2),
+            ("network.train_text_encoder", True),
+        )
+    ),
     ({"dataset.trigger_words": ["mychar, blue"]}, "dataset.trigger_words", "contains a comma"),
     ({"dataset.trigger_words": ["ok", " "]}, "dataset.trigger_words", "entry 2 is empty"),
     ({"save.output_name": ""}, "save.output_name", "must not be empty"),

@@ -2,84 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import pytest
 import torch
 
-from lora_trainer.contracts import SizeCond
-from lora_trainer.data.buckets import BucketSettings
-from lora_trainer.data.dataset import TrainDataset
-from lora_trainer.data.scan import scan_dataset
 from lora_trainer.errors import ConfigError, DatasetError
 from lora_trainer.files.lora_file import load_lora
 from lora_trainer.naming import find_targets
-from lora_trainer.networks.network import network_from_weights
-from lora_trainer.train import objectives
 from lora_trainer.train.callbacks import Callbacks
 from lora_trainer.train.loop import train
-from tests.fixtures.training import make_config
+from tests.fixtures.model_state import assert_model_unchanged, model_snapshot
+from tests.fixtures.training import StopAfter, fixed_eval_loss, make_config
 from tests.fixtures.webui_models import TinyAdapter
-
-
-def model_snapshot(adapter):
-    modules = {"unet": adapter.unet, **adapter.text_encoders}
-    tensors = {f"{g}.{k}": v.detach().clone() for g, m in modules.items() for k, v in m.state_dict().items()}
-    flags = {f"{g}.{n}": p.requires_grad for g, m in modules.items() for n, p in m.named_parameters()}
-    modes = {f"{g}.{n}": sm.training for g, m in modules.items() for n, sm in m.named_modules()}
-    return tensors, flags, modes
-
-
-def assert_model_unchanged(adapter, snapshot):
-    tensors, flags, modes = snapshot
-    now_tensors, now_flags, now_modes = model_snapshot(adapter)
-    assert now_tensors.keys() == tensors.keys()
-    for k, v in tensors.items():
-        assert now_tensors[k].dtype == v.dtype, k
-        assert torch.equal(now_tensors[k], v), k
-    assert now_flags == flags
-    assert now_modes == modes
-    for m in [adapter.unet, *adapter.text_encoders.values()]:
-        for name, sub in m.named_modules():
-            assert not sub._forward_hooks, name
-            assert not sub._forward_pre_hooks, name
-            assert "forward" not in sub.__dict__, name
-        assert all(p.grad is None for p in m.parameters())
-
-
-def fixed_eval_loss(adapter, cfg, lora_path=None, draws=12):
-    """Loss on fixed (noise, timestep) draws over the dataset's images, with an optional LoRA file."""
-    items = scan_dataset(cfg.dataset.train_data_dir)
-    fixed = BucketSettings(resolution=cfg.dataset.resolution_wh, enable_bucket=False)
-    ds = TrainDataset(items, fixed, batch_size=len(items))
-    ds_batch = ds.load_batch(list(range(len(items))))
-    network = None
-    if lora_path is not None:
-        state, _ = load_lora(lora_path)
-        network, unplaced = network_from_weights(state, adapter.family, adapter.unet, adapter.text_encoders)
-        assert unplaced == []
-        assert len(network.state_dict()) == len(state)
-        network.eval()
-    gen = torch.Generator().manual_seed(99)
-    alphas = adapter.alphas_cumprod.float()
-    with torch.no_grad(), network.applied() if network else contextlib.nullcontext():
-        latents = adapter.encode_images(ds_batch["pixels"]).float()
-        sizes = [
-            SizeCond(o, c, t)
-            for o, c, t in zip(
-                ds_batch["original_sizes"], ds_batch["crop_top_lefts"], ds_batch["target_sizes"], strict=False
-            )
-        ]
-        cond = adapter.encode_text(ds_batch["captions"], size_cond=sizes if adapter.family == "sdxl" else None)
-        total = 0.0
-        for _ in range(draws):
-            noise = torch.randn(latents.shape, generator=gen)
-            t = torch.randint(0, 1000, (latents.shape[0],), generator=gen)
-            pred = adapter.predict(objectives.add_noise(latents, noise, t, alphas), t, cond)
-            target = objectives.target_for(adapter.prediction_type, latents, noise, t, alphas)
-            total += torch.nn.functional.mse_loss(pred.float(), target).item()
-    return total / draws
 
 
 @pytest.mark.parametrize(
@@ -152,19 +87,6 @@ def test_exception_mid_training_leaves_model_untouched(tmp_path):
         train(cfg, adapter, Boom(), work_dir=tmp_path / "work")
     assert_model_unchanged(adapter, snapshot)
     assert not list((tmp_path / "out").glob("*.safetensors")) if (tmp_path / "out").exists() else True
-
-
-class StopAfter(Callbacks):
-    def __init__(self, steps):
-        self.steps, self.done = steps, 0
-        self.infos = []
-
-    def on_step(self, info):
-        self.done = info.step
-        self.infos.append(info)
-
-    def should_stop(self):
-        return self.done >= self.steps
 
 
 @pytest.fixture

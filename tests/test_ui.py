@@ -385,6 +385,9 @@ def test_start_poll_send_and_reconnect(actions, manager, host, tmp_path):
     # A reloaded page shows the job's settings.
     restored = actions.restore_fields(None)
     assert by_path(restored[1:])["dataset.trigger_words"] == "tinychar"
+    # The output folder was left unset (the host's Lora folder): it stays unset, not resolved to a path.
+    assert manager.latest().config.save.output_dir == str(host.lora_dir)
+    assert by_path(restored[1:])["save.output_dir"] in ("", None)
     assert (host.lora_dir / "tiny.safetensors").is_file()
 
 

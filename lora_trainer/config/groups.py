@@ -34,8 +34,7 @@ class DatasetConfig(CoercedGroup):
         "",
         label="Training images folder",
         kohya="train_data_dir",
-        help="Folder holding one subfolder per concept named '<repeats>_<name>' (kohya's layout, e.g. "
-        "'10_mychar'), with images and their caption files. Required.",
+        help="Folder of one subfolder per concept, '<repeats>_<name>' (e.g. '10_mychar'), with images and captions.",
     )
     trigger_words: list[str] = field(
         default_factory=list,
@@ -64,8 +63,7 @@ class DatasetConfig(CoercedGroup):
         label="Aspect-ratio buckets",
         kohya="enable_bucket",
         kohya_default=False,
-        help="Group images by aspect ratio instead of cropping them all square (kohya's default is off; "
-        "on is better for mixed image shapes).",
+        help="Group images by aspect ratio instead of cropping them square (better for mixed shapes; kohya: off).",
     )
     min_bucket_reso: int = setting(
         256,
@@ -115,8 +113,7 @@ class DatasetConfig(CoercedGroup):
         kohya="keep_tokens",
         ge=0,
         le=100,
-        help="Keep the first N comma-separated tags in place when shuffling or dropping tags (e.g. 1 to "
-        "keep a leading trigger word).",
+        help="Keep the first N tags in place when shuffling or dropping tags (e.g. 1 for a leading trigger word).",
     )
     caption_dropout_rate: float = setting(
         0.0,
@@ -163,6 +160,12 @@ class DatasetConfig(CoercedGroup):
         label="Cache latents to disk",
         kohya="cache_latents_to_disk",
         help="Keep the latent cache in files (in the extension's work folder, never beside your images) so the next run reuses it (needs 'Cache latents').",
+    )
+    cache_text_encoder_outputs: bool = setting(
+        False,
+        label="Cache text encoder outputs",
+        kohya="cache_text_encoder_outputs",
+        help="Encode captions once; the text encoders then leave the GPU. Not with shuffle/dropout or TE training.",
     )
 
     @property
@@ -417,8 +420,7 @@ class TrainingConfig(CoercedGroup):
         kohya="mixed_precision",
         kohya_default="no",
         choices=MIXED_PRECISIONS,
-        help="Autocast precision: fp16 (most GPUs), bf16 (RTX 30xx and newer), no (fp32, e.g. on CPU). "
-        "kohya's default is 'no'.",
+        help="Autocast of an fp32 model (--no-half): fp16, bf16 (RTX 30xx+) or no; an fp16/bf16 model keeps its dtype.",
     )
     seed: int | None = setting(
         None,
@@ -435,8 +437,7 @@ class TrainingConfig(CoercedGroup):
         kohya_default=1,
         ge=1,
         le=12,
-        help="Use the text encoder's Nth layer from the end (2 for anime models); unset = the WebUI's "
-        "'Clip skip' setting. SDXL ignores it.",
+        help="Text encoder layer N from the end (2 for anime models); unset = the WebUI's. SDXL ignores it.",
     )
     noise_offset: float = setting(
         0.0,

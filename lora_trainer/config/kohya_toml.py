@@ -52,7 +52,7 @@ def _names(text: str) -> frozenset[str]:
 KOHYA_UNMAPPED = _names(
     """
     adaptive_noise_scale alpha_mask async_upload base_weights base_weights_multiplier blocks_to_swap cache_info
-    cache_text_encoder_outputs cache_text_encoder_outputs_to_disk caption_prefix caption_separator caption_suffix
+    cache_text_encoder_outputs_to_disk caption_prefix caption_separator caption_suffix
     ckpt color_aug conditioning_data_dir config_file console_log_file console_log_level console_log_simple
     cpu_offload_checkpointing dataset_class dataset_config dataset_repeats ddp_gradient_as_bucket_view
     ddp_static_graph ddp_timeout debiased_estimation_loss debug_dataset deepspeed dim_from_weights

@@ -233,6 +233,30 @@ def _check_latent_cache(v: dict[str, Any]) -> list[ConfigError]:
     return []
 
 
+_CAPTION_CHANGES = (
+    "dataset.shuffle_caption",
+    "dataset.caption_dropout_rate",
+    "dataset.caption_tag_dropout_rate",
+    "dataset.caption_dropout_every_n_epochs",
+)
+
+
+def _check_text_cache(v: dict[str, Any]) -> list[ConfigError]:
+    """Cached text-encoder outputs are fixed: as kohya, not with changing captions or a trained text encoder."""
+    if not v.get("dataset.cache_text_encoder_outputs"):
+        return []
+    clash = [path for path in _CAPTION_CHANGES if v.get(path)]
+    if v.get("network.train_text_encoder"):
+        clash.append("network.train_text_encoder")
+    if not clash:
+        return []
+    message = (
+        f"cannot be combined with {', '.join(clash)}: each caption is encoded once, before training, so the "
+        "captions cannot change between steps and the text encoder cannot learn; turn this or those off"
+    )
+    return [ConfigError("dataset.cache_text_encoder_outputs", message)]
+
+
 _BUCKET_PATHS = (
     "dataset.enable_bucket",
     "dataset.resolution",
@@ -279,6 +303,7 @@ _CROSS_CHECKS = (
     _check_learning_rates,
     _check_warmup,
     _check_latent_cache,
+    _check_text_cache,
     _check_buckets,
     _check_previews,
 )

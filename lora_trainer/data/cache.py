@@ -11,6 +11,12 @@ Only deterministic crops can be cached: a random crop raises :class:`DatasetErro
 kohya refuses ``--random_crop`` with ``--cache_latents``. Flip augmentation is supported by
 caching the flipped image too (``flip=True`` entries).
 
+Latents are checked when encoded (:func:`encode_finite`, also used by the training loop for
+uncached batches): an image the VAE turns into NaN/inf (a half-precision VAE overflowing, as
+SDXL's does in fp16) is encoded again with the VAE in float32 (the model adapter's optional
+``encode_images_fp32``, the WebUI's automatic VAE precision fallback done on encode); if that is
+still not finite, :class:`DatasetError` names the image and nothing is cached for it.
+
 The cache never writes anywhere but ``cache_dir`` (None keeps everything in memory).
 """
 
@@ -90,6 +96,55 @@ def _check_requests(items: Sequence[LatentRequest], batch_size: int) -> None:
             )
 
 
+EncodeFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _checked_shape(latents: object, n: int) -> torch.Tensor:
+    if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[0] != n:
+        raise ValueError(
+            f"encode_fn returned {getattr(latents, 'shape', type(latents))} for {n} images; expected (B, C, h, w)"
+        )
+    return latents
+
+
+def _nonfinite_rows(latents: torch.Tensor) -> list[int]:
+    return [i for i, ok in enumerate(torch.isfinite(latents).flatten(1).all(dim=1).tolist()) if not ok]
+
+
+def encode_finite(
+    pixels: torch.Tensor, encode_fn: EncodeFn, names: Sequence[str | os.PathLike], *, upcast_fn: EncodeFn | None = None
+) -> tuple[torch.Tensor, int]:
+    """``(latents, re-encoded)``: float32 latents of ``pixels`` (one image per name in ``names``), all finite.
+
+    Images whose latents hold NaN/inf are encoded again with ``upcast_fn`` (the VAE in float32) when
+    given; ``re-encoded`` counts them. Raises :class:`DatasetError` naming the images still not finite.
+    """
+    with torch.no_grad():
+        latents = _checked_shape(encode_fn(pixels), len(names)).float()
+        bad = _nonfinite_rows(latents)
+        if not bad:
+            return latents, 0
+        if upcast_fn is not None:
+            logger.warning(
+                "The VAE gave NaN/inf latents for %s; encoding again with the VAE in float32.",
+                ", ".join(str(names[i]) for i in bad),
+            )
+            again = _checked_shape(upcast_fn(pixels[bad]), len(bad)).float()
+            latents = latents.clone()
+            latents[bad] = again.to(latents.device)
+            still = [bad[j] for j in _nonfinite_rows(again)]
+        else:
+            still = bad
+    if still:
+        listed = ", ".join(str(names[i]) for i in still)
+        how = "even with the VAE in float32" if upcast_fn is not None else "and the model cannot re-encode in float32"
+        raise DatasetError(
+            f"The VAE turns {listed} into NaN/inf latents {how}: training would learn nothing from "
+            "it and could damage the LoRA. Remove or re-save the image, or use another VAE."
+        )
+    return latents, len(bad)
+
+
 class _EncodeRun:
     """One :meth:`LatentCache.get_or_encode` call: its requests, their keys and content hashes,
     and how to turn requests into latents."""
@@ -97,12 +152,14 @@ class _EncodeRun:
     def __init__(
         self,
         items: Sequence[LatentRequest],
-        encode_fn: Callable[[torch.Tensor], torch.Tensor],
+        encode_fn: EncodeFn,
         pixels_fn: Callable[[LatentRequest], torch.Tensor],
         vae_id: str,
+        upcast_fn: EncodeFn | None = None,
     ):
         self.items = items
         self.encode_fn = encode_fn
+        self.upcast_fn = upcast_fn
         self.pixels_fn = pixels_fn
         self.vae_id = vae_id
         self.keys: list[str] = []
@@ -116,29 +173,26 @@ class _EncodeRun:
                 raise DatasetError(f"Cannot read image {path}: {e}. Check that it still exists.") from None
         return self.hashes[path]
 
-    def encode(self, todo: list[int]) -> torch.Tensor:
-        """(B, C, h, w) float32 CPU latents of the requests ``todo``."""
+    def encode(self, todo: list[int]) -> tuple[torch.Tensor, int]:
+        """(B, C, h, w) float32 CPU latents of the requests ``todo``, all finite, and how many were
+        encoded again in float32 (:func:`encode_finite`)."""
         pixels = torch.stack([self.pixels_fn(self.items[i]) for i in todo]).float()
-        with torch.no_grad():
-            latents = self.encode_fn(pixels)
-        if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[0] != len(todo):
-            raise ValueError(
-                f"encode_fn returned {getattr(latents, 'shape', type(latents))} for {len(todo)} images; "
-                "expected (B, C, h, w)"
-            )
-        return latents.detach().to("cpu", torch.float32)
+        names = [self.items[i].path for i in todo]
+        latents, again = encode_finite(pixels, self.encode_fn, names, upcast_fn=self.upcast_fn)
+        return latents.detach().to("cpu", torch.float32), again
 
 
 class LatentCache:
     """Latents by key, in memory and (when ``cache_dir`` is set) on disk.
 
-    ``stats`` counts ``memory_hits``, ``disk_hits``, ``encoded`` and ``corrupt`` entries.
+    ``stats`` counts ``memory_hits``, ``disk_hits``, ``encoded``, ``corrupt`` entries and the
+    entries encoded again in float32 (``upcast``) because the VAE gave NaN/inf.
     """
 
     def __init__(self, cache_dir: str | os.PathLike | None = None):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._memory: dict[str, torch.Tensor] = {}
-        self.stats = {"memory_hits": 0, "disk_hits": 0, "encoded": 0, "corrupt": 0}
+        self.stats = {"memory_hits": 0, "disk_hits": 0, "encoded": 0, "corrupt": 0, "upcast": 0}
 
     def __len__(self) -> int:
         return len(self._memory)
@@ -204,12 +258,13 @@ class LatentCache:
     def get_or_encode(
         self,
         items: Sequence[LatentRequest],
-        encode_fn: Callable[[torch.Tensor], torch.Tensor],
+        encode_fn: EncodeFn,
         *,
         vae_id: str,
         batch_size: int = 1,
         pixels_fn: Callable[[LatentRequest], torch.Tensor] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        upcast_fn: EncodeFn | None = None,
     ) -> list[torch.Tensor]:
         """Latents for ``items``, in order: (C, h, w) float32 CPU tensors.
 
@@ -218,10 +273,11 @@ class LatentCache:
         of up to ``batch_size`` as (B, 3, H, W) float32 CPU pixels in [-1, 1]; it returns
         (B, C, H/8, W/8) latents (a model adapter's ``encode_images``). ``vae_id`` names the
         VAE (name + hash); a different one never reuses latents. ``progress(done, total)`` is
-        called as items are resolved.
+        called as items are resolved. Latents with NaN/inf are encoded again with ``upcast_fn`` (the
+        VAE in float32) when given; still not finite: :class:`DatasetError` naming the image.
         """
         _check_requests(items, batch_size)
-        run = _EncodeRun(items, encode_fn, pixels_fn or default_pixels, vae_id)
+        run = _EncodeRun(items, encode_fn, pixels_fn or default_pixels, vae_id, upcast_fn)
         total = len(items)
         results: list[torch.Tensor | None] = [None] * total
         misses: dict[tuple[int, int], list[int]] = {}
@@ -281,7 +337,8 @@ class LatentCache:
                 todo.append(i)
         if not todo:
             return
-        latents = run.encode(todo)
+        latents, again = run.encode(todo)
+        self.stats["upcast"] += again
         for j, i in enumerate(todo):
             lat = latents[j].clone()
             key = run.keys[i]

@@ -249,8 +249,12 @@ class TrainDataset(torch.utils.data.Dataset):
         vae_id: str,
         batch_size: int = 1,
         progress: Callable[[int, int], None] | None = None,
+        upcast_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         """Encode (or load from ``cache``) every image's latents; batches then carry ``latents``.
+
+        Latents are checked: NaN/inf ones are encoded again with ``upcast_fn`` (the VAE in float32);
+        an image still not finite raises :class:`DatasetError` naming it (see ``LatentCache``).
 
         With flip_aug the mirrored images are cached too (twice the encoding work), so flip
         augmentation keeps working. Random crop cannot be cached: raises :class:`DatasetError`.
@@ -268,7 +272,13 @@ class TrainDataset(torch.utils.data.Dataset):
             return self._render(owner[req], "center", None, req.flip)[0]
 
         latents = cache.get_or_encode(
-            reqs, encode_fn, vae_id=vae_id, batch_size=batch_size, pixels_fn=pixels_fn, progress=progress
+            reqs,
+            encode_fn,
+            vae_id=vae_id,
+            batch_size=batch_size,
+            pixels_fn=pixels_fn,
+            progress=progress,
+            upcast_fn=upcast_fn,
         )
         if self.flip_aug:
             self._latents = [(latents[2 * i], latents[2 * i + 1]) for i in range(len(self.items))]

@@ -17,7 +17,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from lora_trainer.errors import ConfigError, LoraFileError
+from lora_trainer.errors import ConfigError, LoraFileError, NonFiniteError
 from lora_trainer.files.atomic_write import publish, unlink_quietly, write_temp
 from lora_trainer.files.hashes import hashed_metadata, hashes_from_bytes
 from lora_trainer.files.safetensors_format import prepare_tensors, read_safetensors_header, splice_header
@@ -112,6 +112,23 @@ def _stringify_metadata(metadata: Mapping[str, Any] | None) -> dict[str, str]:
     return result
 
 
+def _refuse_nonfinite(
+    name: str, state_dict: Mapping[str, torch.Tensor], tensors: dict[str, torch.Tensor], dtype: torch.dtype
+) -> None:
+    """Raise :class:`NonFiniteError` if a tensor to be written holds NaN/inf (as given, or after the cast)."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not bad:
+        return
+    overflow = [k for k in bad if bool(torch.isfinite(state_dict[k]).all())]
+    listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    if len(overflow) == len(bad):
+        raise NonFiniteError(
+            f"{name}: not saved: {listed} overflow the save precision {dtype} "
+            "(values beyond its range); save in bf16 or fp32"
+        )
+    raise NonFiniteError(f"{name}: not saved: the LoRA weights hold NaN/inf ({listed}); nothing was written")
+
+
 def save_lora(
     path: str | os.PathLike,
     state_dict: Mapping[str, torch.Tensor],
@@ -125,7 +142,8 @@ def save_lora(
     Every floating tensor (0-dim ``.alpha`` included) is cast to ``dtype``; ``sshs_model_hash``
     and ``sshs_legacy_hash`` are computed and added. If ``path`` exists and ``overwrite`` is
     False, the first free ``name_N.safetensors`` is used instead: report the returned path.
-    Nothing is left behind if writing fails.
+    Nothing is left behind if writing fails. A state dict holding NaN/inf (or values the cast to
+    ``dtype`` overflows) is refused with :class:`NonFiniteError` before anything is written.
     """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
@@ -134,6 +152,7 @@ def save_lora(
         raise LoraFileError(f"{path.name}: refusing to save an empty state dict")
     save_dtype = resolve_save_dtype(dtype)
     tensors = prepare_tensors(state_dict, save_dtype)
+    _refuse_nonfinite(path.name, state_dict, tensors, save_dtype)
     meta = _stringify_metadata(metadata)
     buffer = safetensors.torch.save(tensors, hashed_metadata(meta))
     model_hash, legacy_hash = hashes_from_bytes(buffer)

@@ -8,6 +8,7 @@ a no-op default.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ class StepInfo:
     steps_per_s: float
     eta_s: float
     elapsed_s: float
+    skipped_steps: int = 0  # steps skipped so far for NaN/inf loss or gradients (lora_trainer.train.guards)
 
 
 @dataclass
@@ -38,6 +40,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # loss of every step
     saved: list[Path] = field(default_factory=list)  # every LoRA file written, in order
     seed: int = 0
+    skipped_steps: int = 0  # steps skipped for NaN/inf loss or gradients (their losses are in ``losses``)
+    upcast_latents: int = 0  # images the VAE gave NaN/inf for, encoded again in float32
 
 
 class Callbacks:
@@ -70,10 +74,16 @@ class ProgressMeter:
         self.losses: deque[float] = deque(maxlen=window)
         self.times.append(self.start)
 
-    def update(self, step: int, epoch: int, total_epochs: int, loss: float, lrs: dict[str, float]) -> StepInfo:
+    def update(
+        self, step: int, epoch: int, total_epochs: int, loss: float, lrs: dict[str, float], skipped: int = 0
+    ) -> StepInfo:
+        """The StepInfo of ``step``; a NaN/inf ``loss`` (a skipped step) is left out of the average and
+        reported as the average, so progress never shows a non-finite number."""
         now = time.perf_counter()
         self.times.append(now)
-        self.losses.append(loss)
+        if math.isfinite(loss):
+            self.losses.append(loss)
+        avg = sum(self.losses) / len(self.losses) if self.losses else 0.0
         span = self.times[-1] - self.times[0]
         rate = (len(self.times) - 1) / span if span > 0 else 0.0
         remaining = max(self.total_steps - step, 0)
@@ -82,10 +92,11 @@ class ProgressMeter:
             total_steps=self.total_steps,
             epoch=epoch,
             total_epochs=total_epochs,
-            loss=loss,
-            avg_loss=sum(self.losses) / len(self.losses),
+            loss=loss if math.isfinite(loss) else avg,
+            avg_loss=avg,
             lrs=lrs,
             steps_per_s=rate,
             eta_s=remaining / rate if rate > 0 else float("inf"),
             elapsed_s=now - self.start,
+            skipped_steps=skipped,
         )

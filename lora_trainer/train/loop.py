@@ -6,6 +6,16 @@ epsilon or v target, optional noise offset and min-SNR weighting, gradient
 accumulation and clipping, mixed precision) and writes the LoRA file with kohya's
 keys and metadata. The base model is frozen for the run and left exactly as found.
 
+Precision and the non-finite guard (:mod:`lora_trainer.train.guards`, the same code on a CPU
+and a GPU): a model held in fp16/bf16 runs under autocast to its own dtype, an fp32 one under the
+``mixed_precision`` setting's; a GradScaler (on the model's device type, the CPU included) scales
+the loss whenever fp16 is involved (fp16 weights or fp16 autocast), never for bf16 or fp32. The
+LoRA weights, gradients and optimizer state are float32 whatever the model's dtype. Latents are
+checked when encoded (cached or not): NaN/inf ones are encoded again with the VAE in float32,
+and an image still not finite stops the run (DatasetError naming it). A step with a NaN/inf loss
+or gradient is skipped and counted (``StepInfo.skipped_steps``); too many in a row stop the run
+(NonFiniteError) and no file with NaN/inf weights is ever written.
+
 Randomness is derived from the seed and the batch's position (epoch, batch index), and
 the data order from (seed, epoch), so a run resumed from its saved state continues
 exactly as the uninterrupted run would have.
@@ -26,14 +36,14 @@ import torch
 
 from lora_trainer import __version__
 from lora_trainer.config import TrainConfig
-from lora_trainer.contracts import FAMILIES, Conditioning, ModelAdapter, SizeCond
+from lora_trainer.contracts import FAMILIES, Conditioning, ModelAdapter, SizeCond, placement
 from lora_trainer.data.buckets import BucketSettings
-from lora_trainer.data.cache import LatentCache
+from lora_trainer.data.cache import LatentCache, encode_finite
 from lora_trainer.data.captions import process_caption, split_tags
 from lora_trainer.data.dataset import TrainDataset
-from lora_trainer.data.scan import dataset_dirs_info, dataset_tag_frequency, scan_dataset
+from lora_trainer.data.scan import scan_dataset
 from lora_trainer.errors import ConfigError, IncompatibleModelError
-from lora_trainer.files.kohya_metadata import TrainingInfo, build_metadata, optimizer_string
+from lora_trainer.files.kohya_metadata import build_metadata
 from lora_trainer.files.lora_file import save_lora
 from lora_trainer.files.resume_state import StateFileError, load_state, save_state
 from lora_trainer.log import logger
@@ -43,10 +53,13 @@ from lora_trainer.train import objectives
 from lora_trainer.train.callbacks import Callbacks, ProgressMeter, TrainResult
 from lora_trainer.train.flat import ELEMENTWISE_OPTIMIZERS, flatten, zero_flat_grads
 from lora_trainer.train.guard import checkpointed, frozen_base, unet_blocks
+from lora_trainer.train.guards import SCALE_FLOOR, StepGuard, grads_finite, precision_plan
+from lora_trainer.train.oom import oom_phase, train_steps
 from lora_trainer.train.optim import build_optimizer, build_scheduler, current_lrs, param_groups_for
+from lora_trainer.train.phases import TextOutputCache, cache_text_outputs, step_parts
+from lora_trainer.train.run_info import training_info
 
 TE_GROUPS = ("te", "te1", "te2")
-_AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def state_dir_for(work_dir: str | os.PathLike, output_name: str) -> Path:
@@ -114,14 +127,10 @@ class _Run:
             self.total_steps = cfg.training.max_train_epochs * self.steps_per_epoch
         self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
 
-        self.mixed = cfg.training.mixed_precision
-        if self.device.type == "cpu" and self.mixed == "fp16":
-            logger.warning("fp16 mixed precision needs a GPU; training in fp32 on the CPU")
-            self.mixed = "no"
-        use_scaler = self.device.type == "cuda" and (
-            self.mixed == "fp16" or (self.mixed == "no" and adapter.dtype == torch.float16)
-        )
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.precision = precision_plan(adapter.dtype, cfg.training.mixed_precision)
+        self.scaler = self.precision.make_scaler(self.device.type)
+        self.guard = StepGuard()
+        self.upcast_latents = 0  # images re-encoded with the VAE in float32 (cached and uncached)
         self.trigger_words = [w.strip() for w in ds.trigger_words if w.strip()]
         self.cache_text = not cfg.network.train_text_encoder and not (
             ds.shuffle_caption
@@ -130,6 +139,8 @@ class _Run:
             or ds.caption_dropout_every_n_epochs
         )
         self._text_cache: dict = {}
+        self.step_parts = step_parts(cfg)  # on the device for the steps (contracts.placement)
+        self.text_outputs: TextOutputCache | None = None  # cache_text_encoder_outputs, filled before the steps
         self.alphas = adapter.alphas_cumprod.to(self.device, torch.float32)
         self.clip_skip = cfg.training.clip_skip or getattr(adapter, "default_clip_skip", 1)
 
@@ -186,7 +197,35 @@ class _Run:
         def progress(done: int, total: int) -> None:
             self.callbacks.on_status(f"Caching latents {done}/{total}")
 
-        self.dataset.cache_latents(cache, self.adapter.encode_images, vae_id=self._vae_id(), progress=progress)
+        with placement(self.adapter, ("vae",)):
+            self.dataset.cache_latents(
+                cache, self.adapter.encode_images, vae_id=self._vae_id(), progress=progress, upcast_fn=self._upcast_fn()
+            )
+        self.upcast_latents += cache.stats["upcast"]
+
+    def _cache_text_outputs(self) -> None:
+        """kohya's cache_text_encoder_outputs (``train.phases``): every caption encoded once, before the steps."""
+        if self.cfg.dataset.cache_text_encoder_outputs:
+            self.text_outputs = cache_text_outputs(
+                self.adapter,
+                self.dataset,
+                caption=lambda c: self._caption(c, random.Random(0), 1),
+                clip_skip=self.clip_skip,
+                max_token_length=self.cfg.dataset.max_token_length,
+                autocast=lambda: self.precision.autocast_context(self.device.type),
+                status=self.callbacks.on_status,
+            )
+
+    def _upcast_fn(self):
+        """The adapter's float32 VAE encode (optional in the ModelAdapter contract), or None."""
+        return getattr(self.adapter, "encode_images_fp32", None)
+
+    def _encode_batch(self, batch: dict) -> torch.Tensor:
+        """Finite float32 latents of an uncached batch (see ``encode_finite``)."""
+        names = [self.dataset.items[i].path for i in batch["indices"]]
+        latents, again = encode_finite(batch["pixels"], self.adapter.encode_images, names, upcast_fn=self._upcast_fn())
+        self.upcast_latents += again
+        return latents
 
     def _vae_id(self) -> str:
         a = self.adapter
@@ -213,6 +252,8 @@ class _Run:
         )
 
     def _encode_text(self, captions: list[str], size_cond: list[SizeCond] | None) -> Conditioning:
+        if self.text_outputs is not None:
+            return self.text_outputs.batch(captions, size_cond)
         key = (tuple(captions), tuple(size_cond or ()))
         if self.cache_text and key in self._text_cache:
             return self._text_cache[key]
@@ -235,7 +276,7 @@ class _Run:
         if "latents" in batch:
             latents = batch["latents"].to(self.device, torch.float32)
         else:
-            latents = a.encode_images(batch["pixels"]).to(self.device, torch.float32)
+            latents = self._encode_batch(batch).to(self.device, torch.float32)
         captions = [self._caption(c, rng, epoch) for c in batch["captions"]]
         size_cond = None
         if a.family == "sdxl":
@@ -246,7 +287,7 @@ class _Run:
         noise = objectives.sample_noise(latents, gen, cfg.training.noise_offset).to(self.device)
         timesteps = objectives.sample_timesteps(latents.shape[0], gen).to(self.device)
         noisy = objectives.add_noise(latents, noise, timesteps, self.alphas)
-        with self._autocast():
+        with self.precision.autocast_context(self.device.type):
             cond = self._encode_text(captions, size_cond).to(self.device)
             pred = a.predict(noisy.to(a.dtype), timesteps, cond.to(dtype=a.dtype))
         target = objectives.target_for(a.prediction_type, latents, noise, timesteps, self.alphas)
@@ -257,25 +298,40 @@ class _Run:
             )
         return objectives.loss_per_sample(pred.float(), target, weights).mean()
 
-    def _autocast(self):
-        dtype = _AUTOCAST.get(self.mixed)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+    def _optimizer_step(self, loss_finite: bool) -> None:
+        """One optimizer step from the accumulated gradients, or a skipped one (see ``guards``)."""
+        step = self.step + 1
+        try:
+            if not loss_finite:
+                self.guard.skip(step, "a NaN/inf loss")
+            elif self._apply_gradients(step):
+                self.scheduler.step()
+                self.guard.ok()
+        finally:
+            self._zero_grad()
 
-    def _optimizer_step(self) -> None:
+    def _apply_gradients(self, step: int) -> bool:
+        """Clip and apply the gradients; False when the step was skipped for NaN/inf gradients."""
         max_norm = self.cfg.optim.max_grad_norm
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if max_norm:
             torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
+        if self.scaler is None:
+            if not grads_finite(self.params):
+                self.guard.skip(step, "NaN/inf gradients")
+                return False
             self.optimizer.step()
-        self.scheduler.step()
-        self._zero_grad()
+            return True
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)  # skips the step itself when the gradients hold NaN/inf
+        self.scaler.update()
+        new_scale = self.scaler.get_scale()
+        if new_scale >= scale:
+            return True
+        what = f"NaN/inf gradients (loss scale lowered to {new_scale:g})"
+        self.guard.skip(step, what, counts=new_scale < SCALE_FLOOR)
+        return False
 
     def _zero_grad(self) -> None:
         if self.flats:
@@ -292,14 +348,17 @@ class _Run:
         result = TrainResult(None, 0, 0, False, None, seed=self.seed)
         with torch.random.fork_rng(devices=devices), frozen_base(*modules):
             torch.manual_seed(self.seed)
-            self._build_network()
+            with placement(a, self.step_parts):  # the network is made where it trains (its targets' device)
+                self._build_network()
             if resume_state is not None:
                 self._restore(result, *resume_state)
-            self._cache_latents()
+            with oom_phase("latent caching"):
+                self._cache_latents()
+                self._cache_text_outputs()
             gc = checkpointed(unet_blocks(a.unet)) if self.cfg.training.gradient_checkpointing else None
-            with self.network.applied(), gc or contextlib.nullcontext():
+            with placement(a, self.step_parts), self.network.applied(), gc or contextlib.nullcontext():
                 self.network.train()
-                self._loop(result)
+                train_steps(self, result)  # out of memory: keeps what was trained, says so (train/oom.py)
         return result
 
     def _loop(self, result: TrainResult) -> None:
@@ -325,24 +384,30 @@ class _Run:
         cfg = self.cfg
         accum = cfg.training.gradient_accumulation_steps
         last = len(self.dataset) - 1
-        loss_sum, micro = 0.0, 0
+        loss_sum, micro, finite = 0.0, 0, True
         for batch in self.dataset.iter_epoch(epoch, first_batch):
             if self.callbacks.should_stop():
                 result.stopped_early = True
                 self._zero_grad()  # drop a partial accumulation
                 return False
             loss = self._loss(batch, epoch)
-            (self.scaler.scale(loss / accum) if self.scaler else loss / accum).backward()
-            loss_sum, micro = loss_sum + loss.item(), micro + 1
+            value = loss.item()
+            if math.isfinite(value):  # a NaN/inf loss gets no backward: its step is skipped
+                (self.scaler.scale(loss / accum) if self.scaler else loss / accum).backward()
+            else:
+                finite = False
+            loss_sum, micro = loss_sum + value, micro + 1
             if micro < accum and batch["batch_index"] < last:
                 continue
-            self._optimizer_step()
+            self._optimizer_step(finite)
             self.step += 1
             self.position = (epoch, batch["batch_index"] + 1)
             result.losses.append(loss_sum / micro)
+            result.skipped_steps, result.upcast_latents = self.guard.skipped, self.upcast_latents
             lrs = current_lrs(self.optimizer)
-            self.callbacks.on_step(self.meter.update(self.step, epoch, self.total_epochs, loss_sum / micro, lrs))
-            loss_sum, micro = 0.0, 0
+            info = self.meter.update(self.step, epoch, self.total_epochs, loss_sum / micro, lrs, self.guard.skipped)
+            self.callbacks.on_step(info)
+            loss_sum, micro, finite = 0.0, 0, True
             done = self.step >= self.total_steps
             if done and batch["batch_index"] == last and _every(cfg.sample.sample_every_n_epochs, epoch):
                 self._sample(epoch)  # the last epoch's previews, like every other epoch's
@@ -357,90 +422,23 @@ class _Run:
     def _sample(self, epoch: int) -> None:
         self.network.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), oom_phase("a preview"):
                 self.callbacks.on_sample(self.step, epoch)
         finally:
             self.network.train()
 
     # -- saving and resuming
 
-    def _info(self, epoch: int, stopped_early: bool) -> TrainingInfo:
-        cfg, a = self.cfg, self.adapter
-        ds, net, opt, tr = cfg.dataset, cfg.network, cfg.optim, cfg.training
-        comment = cfg.save.training_comment
-        if comment is None and self.trigger_words:
-            comment = "trigger words: " + ", ".join(self.trigger_words)
-        report = self.dataset.bucket_report
-        return TrainingInfo(
-            family=a.family,
-            output_name=cfg.save.output_name,
-            v_prediction=a.prediction_type == "v_prediction",
-            network_dim=net.network_dim,
-            network_alpha=net.network_alpha,
-            conv_dim=net.conv_dim or None,
-            conv_alpha=net.conv_alpha if net.conv_dim else None,
-            network_dropout=net.network_dropout or None,
-            rank_dropout=net.rank_dropout or None,
-            module_dropout=net.module_dropout or None,
-            resolution=ds.resolution_wh,
-            num_train_images=self.dataset.num_train_images,
-            num_batches_per_epoch=len(self.dataset),
-            tag_frequency=dataset_tag_frequency(self.items),
-            dataset_dirs=dataset_dirs_info(self.items),
-            bucket_info=report.to_metadata() if report is not None else None,
-            enable_bucket=ds.enable_bucket,
-            bucket_no_upscale=ds.bucket_no_upscale,
-            min_bucket_reso=ds.min_bucket_reso,
-            max_bucket_reso=ds.max_bucket_reso,
-            shuffle_caption=ds.shuffle_caption,
-            keep_tokens=ds.keep_tokens,
-            caption_dropout_rate=ds.caption_dropout_rate,
-            caption_dropout_every_n_epochs=ds.caption_dropout_every_n_epochs,
-            caption_tag_dropout_rate=ds.caption_tag_dropout_rate,
-            flip_aug=ds.flip_aug,
-            cache_latents=ds.cache_latents,
-            max_train_steps=self.total_steps,
-            num_epochs=self.total_epochs,
-            steps=self.step,
-            epoch=epoch,
-            learning_rate=opt.learning_rate,
-            unet_lr=opt.resolved_unet_lr if net.train_unet else None,
-            text_encoder_lr=opt.resolved_text_encoder_lr if net.train_text_encoder else None,
-            optimizer=optimizer_string(self.optimizer, opt.optimizer_args),
-            lr_scheduler=opt.lr_scheduler,
-            lr_warmup_steps=opt.lr_warmup_steps,
-            batch_size=tr.train_batch_size,
-            gradient_accumulation_steps=tr.gradient_accumulation_steps,
-            gradient_checkpointing=tr.gradient_checkpointing,
-            max_grad_norm=opt.max_grad_norm,
-            mixed_precision=self.mixed,
-            seed=self.seed,
-            clip_skip=self.clip_skip if a.family != "sdxl" else None,
-            max_token_length=ds.max_token_length,
-            noise_offset=tr.noise_offset or None,
-            min_snr_gamma=tr.min_snr_gamma or None,
-            training_comment=comment,
-            sd_model_name=a.model_name or None,
-            new_sd_model_hash=a.model_hash or None,
-            vae_name=a.vae_name or None,
-            session_id=self.session_id,
-            training_started_at=self.started_at,
-            stopped_early=stopped_early,
-            title=cfg.save.metadata_title,
-            author=cfg.save.metadata_author,
-            description=cfg.save.metadata_description,
-            tags=cfg.save.metadata_tags,
-        )
-
     def _save(self, result: TrainResult, stem: str, epoch: int, final: bool = False) -> Path:
         self.callbacks.on_status(f"Saving {stem}.safetensors")
-        metadata = build_metadata(self._info(epoch, stopped_early=final and result.stopped_early))
+        metadata = build_metadata(training_info(self, epoch, stopped_early=final and result.stopped_early))
         target, overwrite = self.output_dir / f"{stem}.safetensors", self.cfg.save.overwrite
         if final and self.resumed_file is not None and self.resumed_file.parent == self.output_dir:
             target, overwrite = self.resumed_file, True  # a resumed run finishes the file it left
-        path = save_lora(
-            target, self.network.state_dict(), metadata, dtype=self.cfg.save.save_precision, overwrite=overwrite
-        )
+        with oom_phase("saving"):
+            path = save_lora(
+                target, self.network.state_dict(), metadata, dtype=self.cfg.save.save_precision, overwrite=overwrite
+            )
         if path.name != target.name:
             logger.info("%s.safetensors exists; saved as %s", stem, path.name)
         result.saved.append(path)
@@ -468,6 +466,7 @@ class _Run:
             "epoch": epoch,
             "next_batch": next_batch,
             "losses": result.losses,
+            "skipped_steps": self.guard.skipped,
             "output_file": str(result.output_path) if result.output_path else None,
         }
         save_state(self.state_dir, state, info=info)
@@ -483,6 +482,7 @@ class _Run:
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         result.losses.extend(info.get("losses", []))
+        self.guard.skipped = result.skipped_steps = int(info.get("skipped_steps", 0))
         self.resumed_file = Path(info["output_file"]) if info.get("output_file") else None
         self.step = int(info["step"])
         self.position = (int(info["epoch"]), int(info["next_batch"]))

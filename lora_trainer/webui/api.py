@@ -9,6 +9,8 @@ Routes (JSON in and out)::
     GET  /lora-train/v1/jobs                every job kept, oldest first
     GET  /lora-train/v1/jobs/{id}           one job; ?losses=true adds the loss of every step
     POST /lora-train/v1/jobs/{id}/cancel    ask a job to stop (it saves what it trained) -> 202
+    POST /lora-train/v1/plan                the memory and time plan of a config (same body as /jobs):
+                                            estimated peak vs free memory, parts, s/step, what to change
 
 ``POST /jobs`` takes either the config itself (``{"dataset": {...}, "network": {...}, ...}``,
 missing settings take their defaults) or ``{"preset": name, "config": {...overrides}}``, plus
@@ -193,6 +195,13 @@ def config_from_request(payload: Any, preset_dir: str | Path | None = None) -> t
     return TrainConfig.from_dict(merged), resume
 
 
+async def _json_body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise ApiError(422, "the request body is not valid JSON") from None
+
+
 def _preset_json(name: str, preset_dir: Path) -> dict[str, Any]:
     """One entry of ``GET /presets``; a broken user file gives an entry with its error (not a failure)."""
     try:
@@ -248,10 +257,7 @@ def create_router(
         },
     )
     async def start(request: Request) -> JSONResponse:
-        try:
-            payload = await request.json()
-        except ValueError:
-            raise ApiError(422, "the request body is not valid JSON") from None
+        payload = await _json_body(request)
         cfg, resume = config_from_request(payload, presets_at)
         try:
             job = await run_in_threadpool(manager.start, cfg, resume=resume)
@@ -259,6 +265,26 @@ def create_router(
             info = await run_in_threadpool(manager.host.model_info)
             raise ApiError(409 if info.checkpoint else 503, str(e)) from None
         return job_json(job, status=202)
+
+    @router.post(
+        "/plan",
+        summary="Memory and time plan of a config on the loaded model",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object", "description": _START_BODY}}},
+            }
+        },
+    )
+    async def plan(request: Request) -> JSONResponse:
+        payload = await _json_body(request)
+        cfg, _ = config_from_request(payload, presets_at)
+        cfg.validate()
+        result = await run_in_threadpool(manager.plan, cfg)
+        if result is None:
+            info = await run_in_threadpool(manager.host.model_info)
+            raise ApiError(409 if info.checkpoint else 503, info.problem or "no trainable model is loaded")
+        return JSONResponse(_jsonable(result.to_dict()))
 
     @router.get("/jobs", summary="Every job kept, oldest first")
     def jobs() -> JSONResponse:

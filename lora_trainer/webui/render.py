@@ -101,6 +101,8 @@ def status_html(job: dict[str, Any] | None) -> str:
         f"<span>{_num(job['steps_per_s'], '.2f')} steps/s</span>",
         f"<span>ETA <b>{format_duration(job['eta_s']) if state == 'running' else '–'}</b></span>",
     ]
+    if job.get("skipped_steps"):
+        stats.append(f'<span class="lora_train_skipped">{job["skipped_steps"]} skipped (NaN/inf)</span>')
     if job.get("finished_at") and job.get("created_at"):
         stats.append(f"<span>took {format_duration(job['finished_at'] - job['created_at'])}</span>")
     busy = " lora_train_bar_busy" if state in ("queued", "running") and not total else ""
@@ -113,10 +115,39 @@ def status_html(job: dict[str, Any] | None) -> str:
         f'<div class="lora_train_bar{busy}"><div class="lora_train_bar_fill" style="width:{pct:.1f}%"></div></div>',
         f'<div class="lora_train_stats">{"".join(stats)}</div>',
     ]
+    memory = job.get("memory") or {}
+    if memory.get("estimated_peak_gb") is not None or memory.get("measured_peak_gb") is not None:
+        html.append(f'<div class="lora_train_memory">{escape(memory_line(memory))}</div>')
     if job.get("error"):
         html.append(message_html(job["error"]))
     if job.get("output_file"):
         html.append(f'<div class="lora_train_saved">Saved <code>{escape(job["output_file"])}</code></div>')
+    html.append("</div>")
+    return "".join(html)
+
+
+def memory_line(memory: dict[str, Any]) -> str:
+    """ "Memory: estimated peak 9.8 GB, measured 9.1 GB (NVIDIA ...)" from ``Job.to_dict()["memory"]``."""
+    estimated, measured = memory.get("estimated_peak_gb"), memory.get("measured_peak_gb")
+    parts = [f"estimated peak {estimated:.2f} GB" if estimated is not None else "no estimate"]
+    parts.append(f"measured {measured:.2f} GB" if measured is not None else "measured: only on CUDA")
+    device = f" ({memory['device']})" if memory.get("device") else ""
+    return "Memory: " + ", ".join(parts) + device
+
+
+def plan_html(plan: dict[str, Any] | None, problem: str = "") -> str:
+    """The memory and time plan (``Plan.to_dict()``): peak against free memory, its parts, what to change."""
+    if plan is None:
+        return message_html(problem or "No plan: no trainable model is loaded.", "warning")
+    kind = "info" if plan["fits"] is not False else "warning"
+    parts = ", ".join(f"{name} {gb:.2f}" for name, gb in plan["parts_gb"].items() if gb)
+    html = [
+        f'<div class="lora_train_plan" data-fits="{str(plan["fits"]).lower()}">',
+        message_html(plan["summary"], kind),
+        f'<div class="lora_train_plan_parts">GB: {escape(parts)}</div>',
+    ]
+    if plan["advice"]:
+        html.append(f'<div class="lora_train_plan_advice">{escape(plan["advice"])}</div>')
     html.append("</div>")
     return "".join(html)
 

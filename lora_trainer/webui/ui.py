@@ -131,7 +131,9 @@ def create_tab(
                     start = gr.Button("Start", variant="primary", elem_id="lora_train_start")
                     resume = gr.Button("Resume", elem_id="lora_train_resume")
                     stop = gr.Button("Stop", variant="stop", elem_id="lora_train_stop", interactive=False)
+                    plan_btn = gr.Button("Plan memory", elem_id="lora_train_plan_button")
                 message = gr.HTML("", elem_id="lora_train_message")
+                plan = gr.HTML("", elem_id="lora_train_plan")
                 status = gr.HTML(render.status_html(None), elem_id="lora_train_status", elem_classes=live)
                 plot = gr.HTML(render.loss_svg([]), elem_id="lora_train_loss_plot", elem_classes=live)
                 samples = gr.Gallery(
@@ -156,6 +158,7 @@ def create_tab(
         start.click(actions.start, inputs=fields, outputs=[message], api_name=False)
         resume.click(actions.resume, inputs=fields, outputs=[message], api_name=False)
         stop.click(actions.stop, outputs=[message], api_name=False)
+        plan_btn.click(actions.plan, inputs=fields, outputs=[plan], api_name=False)
         send.click(
             None,
             _js="(text) => { if (window.loraTrain) loraTrain.sendToTxt2img(text); return []; }",
@@ -308,6 +311,18 @@ class _Actions:
         verb = "Resuming" if resume else "Started"
         return render.message_html(f"{verb} '{cfg.save.output_name}' ({job.id}).", "info")
 
+    def plan(self, *values: Any) -> str:
+        """The memory and time plan of the settings on the loaded model and the free device memory."""
+        cfg, errors = build_config(values)
+        if errors or cfg is None:
+            return render.errors_html(errors, "Fix these settings to plan:")
+        try:
+            plan = self.manager.plan(cfg)
+        except Exception as exc:  # noqa: BLE001 - the page's edge: a message for the page, the trace for the log
+            logger.exception("could not make a memory plan")
+            return render.exception_html(exc)
+        return render.plan_html(None if plan is None else plan.to_dict(), self.host.model_info().problem or "")
+
     def stop(self) -> str:
         job = self.manager.current()
         if job is None:
@@ -326,7 +341,8 @@ class _Actions:
         names = list_presets(self.preset_dir)
         job = self.manager.current() or self.manager.latest()
         if job is not None:
-            return [gr.update(choices=names, value=selected if selected in names else None), *widget_values(job.config)]
+            shown = job.submitted or job.config  # an unset output folder stays unset (the host's Lora folder)
+            return [gr.update(choices=names, value=selected if selected in names else None), *widget_values(shown)]
         name, values = None, {}
         if self.start_values is not None:
             try:

@@ -11,6 +11,7 @@ written LoRA file with the WebUI's own Lora loader.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import re
@@ -36,13 +37,16 @@ from lora_trainer.backends.webui.model import (
     text_encoders,
     vae_label,
 )
+from lora_trainer.backends.webui.placement import LowVramPlacement, is_lowvram, taken_over
 from lora_trainer.config import TrainConfig
-from lora_trainer.contracts import ModelInfo
+from lora_trainer.contracts import DeviceMemory, ModelInfo
 from lora_trainer.errors import IncompatibleModelError, LoraFileError
 from lora_trainer.files.lora_file import load_lora
 from lora_trainer.files.safetensors_format import read_safetensors_header
 from lora_trainer.log import logger
 from lora_trainer.networks.network import network_from_weights
+from lora_trainer.train.device import device_memory
+from lora_trainer.train.memory import ModelProfile, profile_model
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -136,6 +140,7 @@ class WebUIHost:
         self._state_lock = threading.Lock()
         self._sample_seed = random.randint(0, MAX_SEED)
         self._trained: tuple[weakref.ref, str] | None = None  # the model of the last run, and its checkpoint
+        self._placement: LowVramPlacement | None = None  # a run's placement under --medvram/--lowvram
 
     # -- folders
 
@@ -167,10 +172,45 @@ class WebUIHost:
             return ModelInfo(None, checkpoint, vae, str(e))
         return ModelInfo(family, checkpoint, vae, environment_problem(sd_model))
 
+    def free_memory(self) -> DeviceMemory:
+        """The WebUI's device now (``torch.cuda.mem_get_info`` on CUDA, available RAM on the CPU), its
+        attention optimisation and --medvram/--lowvram placement, for the memory plan."""
+        from modules import sd_hijack
+
+        attention = str(getattr(sd_hijack.model_hijack, "optimization_method", None) or "")
+        cmd_opts = shared.cmd_opts
+        sd_model = loaded_model()
+        sdxl = bool(getattr(sd_model, "is_sdxl", False))
+        placement = ""
+        if getattr(cmd_opts, "lowvram", False):
+            placement = "lowvram"
+        elif getattr(cmd_opts, "medvram", False) or (sdxl and getattr(cmd_opts, "medvram_sdxl", False)):
+            placement = "medvram"
+        memory = device_memory(devices.device, attention=attention, placement=placement)
+        if memory.free_bytes is None or sd_model is None or memory.device != "cuda":
+            return memory
+        # the loaded model's weights are already taken from the free memory, and the plan counts them itself
+        held = {id(t): t for t in [*sd_model.parameters(), *sd_model.buffers()] if t.device.type == "cuda"}
+        resident = sum(t.numel() * t.element_size() for t in held.values())
+        return dataclasses.replace(memory, free_bytes=memory.free_bytes + resident)
+
+    def model_profile(self) -> ModelProfile | None:
+        """Sizes of the loaded model for the memory plan (read only: nothing moves or changes)."""
+        sd_model = loaded_model()
+        try:
+            family, _ = detect_model(sd_model)
+        except IncompatibleModelError:
+            return None
+        assert sd_model is not None  # detect_model raised otherwise
+        unet = sd_model.model.diffusion_model
+        vae = getattr(sd_model, "first_stage_model", None)
+        return profile_model(family, unet, text_encoders(sd_model, family), vae)
+
     @contextlib.contextmanager
     def training_session(self) -> Iterator[WebUIAdapter]:
         """The loaded model for one run: active Lora networks taken off, base frozen; on exit every
-        setting, flag, hook and mode is put back, gradients dropped and the GPU cache emptied."""
+        setting, flag, hook and mode is put back, gradients dropped and the GPU cache emptied.
+        Under --medvram/--lowvram the run places the model's parts itself (``placement.taken_over``)."""
         sd_model = loaded_model()
         family, prediction_type = detect_model(sd_model)
         assert sd_model is not None  # detect_model raised otherwise
@@ -182,9 +222,16 @@ class WebUIHost:
             take_networks_off(sd_model)
             stack.enter_context(model_guard(sd_model))
             no_block_checkpointing(sd_model.model.diffusion_model, stack)
+            placement = None
+            if is_lowvram(sd_model):
+                placement = stack.enter_context(taken_over(sd_model))
+                self._placement = placement
+                stack.callback(setattr, self, "_placement", None)
             self._sample_seed = random.randint(0, MAX_SEED)
             self._trained = (weakref.ref(sd_model), checkpoint_label(sd_model))
-            yield WebUIAdapter(sd_model, undo=stack, family=family, prediction_type=prediction_type)
+            yield WebUIAdapter(
+                sd_model, undo=stack, family=family, prediction_type=prediction_type, placement=placement
+            )
 
     # -- the queue and shared.state
 
@@ -346,8 +393,9 @@ class WebUIHost:
                 override_settings_restore_afterwards=True,
             )
             p.disable_extra_networks = True  # <lora:...> in a preview prompt would merge into the weights
-            with contextlib.closing(p):
-                processed = processing.process_images(p)
+            placement = self._placement
+            with contextlib.closing(p), placement.webui_placement() if placement else contextlib.nullcontext():
+                processed = processing.process_images(p)  # under --medvram/--lowvram with the WebUI's hooks
             first = int(getattr(processed, "index_of_first_image", 0) or 0)
             images = list(processed.images)[first:]
         finally:

@@ -20,6 +20,7 @@ import torch
 from modules import devices, sd_models, sd_samplers_common, sd_vae, shared
 from torch import nn
 
+from lora_trainer.backends.webui.placement import LowVramPlacement
 from lora_trainer.contracts import Conditioning, SizeCond
 from lora_trainer.errors import IncompatibleModelError
 from lora_trainer.text import WINDOW_LENGTH, num_chunks
@@ -140,18 +141,7 @@ def detect_model(sd_model: SDModel | None) -> tuple[str, str]:
 
 def environment_problem(sd_model: SDModel) -> str | None:
     """Why the WebUI's current setup cannot train on ``sd_model`` (None if it can)."""
-    cmd_opts = shared.cmd_opts
-    flags = [f"--{name}" for name in ("lowvram", "medvram") if getattr(cmd_opts, name, False)]
-    if getattr(cmd_opts, "medvram_sdxl", False) and getattr(sd_model, "is_sdxl", False):
-        flags.append("--medvram-sdxl")
-    if flags or getattr(sd_model, "lowvram", False):
-        which = " / ".join(flags) or "--medvram or --lowvram"
-        return (
-            f"the WebUI runs with {which}: it keeps parts of the model in CPU memory and moves them to the GPU "
-            "with hooks during each forward pass, which training (backward passes through those parts) cannot "
-            "work with. Restart the WebUI without that option to train"
-            + (" (--medvram-sdxl alone still lets you train SD1/SD2 models)" if "--medvram-sdxl" in flags else "")
-        )
+    # --medvram/--lowvram are fine: a run places the parts itself (backends/webui/placement.py)
     if getattr(devices, "fp8", False):
         return "FP8 weight storage is on (Settings > Optimizations > FP8 weight); turn it off to train"
     try:
@@ -222,6 +212,9 @@ class WebUIAdapter:
     Temporary changes it makes for training (the SDXL text embedders' ``is_trainable``, a
     configured clip skip) are undone by ``undo`` (an ExitStack the host's session closes),
     or by :meth:`close` when the adapter made its own.
+
+    ``placement``: under --medvram/--lowvram, the session's :class:`LowVramPlacement`; the
+    adapter's ``device`` is then the WebUI's device and :meth:`place` moves the parts.
     """
 
     def __init__(
@@ -231,6 +224,7 @@ class WebUIAdapter:
         undo: contextlib.ExitStack | None = None,
         family: str | None = None,
         prediction_type: str | None = None,
+        placement: LowVramPlacement | None = None,
     ):
         if family is None or prediction_type is None:
             family, prediction_type = detect_model(sd_model)
@@ -243,6 +237,9 @@ class WebUIAdapter:
         self.text_encoders = text_encoders(sd_model, family)
         param = next(self.unet.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self._placement = placement
+        if placement is not None:
+            self.device = torch.device(devices.device)  # the parts wait in CPU memory until placed
         # the schedule as loaded: processing may swap in a zero-terminal-SNR or fp16 copy for sampling
         alphas = getattr(sd_model, "alphas_cumprod_original", None)
         if alphas is None:
@@ -270,6 +267,13 @@ class WebUIAdapter:
         if self._own_undo:
             self._undo.close()
 
+    def place(self, parts: frozenset[str]) -> contextlib.AbstractContextManager[None]:
+        """The parts named on the device for the block (``contracts.placement``); a no-op unless
+        the WebUI runs with --medvram/--lowvram (then everything already is where the WebUI put it)."""
+        if self._placement is None:
+            return contextlib.nullcontext()
+        return self._placement.place(parts)
+
     # -- images
 
     @torch.no_grad()
@@ -277,6 +281,22 @@ class WebUIAdapter:
         images01 = ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0)
         # approximation 0 = the full VAE (not TAESD), whatever the UI's encode method is
         return sd_samplers_common.images_tensor_to_samples(images01, 0, self.sd_model)
+
+    @torch.no_grad()
+    def encode_images_fp32(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``encode_images`` with the VAE in float32 for this call (what the WebUI's "Automatically revert
+        VAE to 32-bit floats" does on decode; here on encode, for images an fp16 VAE turns into NaN/inf),
+        then ``devices.dtype_vae`` and the VAE's dtype put back as they were."""
+        vae = self.sd_model.first_stage_model
+        held = next((t.dtype for t in (*vae.parameters(), *vae.buffers()) if t.is_floating_point()), None)
+        dtype_vae = devices.dtype_vae
+        devices.dtype_vae = torch.float32
+        try:
+            return self.encode_images(pixels).float()
+        finally:
+            devices.dtype_vae = dtype_vae
+            if held is not None:
+                vae.to(held)
 
     # -- text
 

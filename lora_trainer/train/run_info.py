@@ -1,0 +1,81 @@
+"""The kohya metadata of a training run (``TrainingInfo``), read off the loop's run state."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lora_trainer.data.scan import dataset_dirs_info, dataset_tag_frequency
+from lora_trainer.files.kohya_metadata import TrainingInfo, optimizer_string
+
+if TYPE_CHECKING:
+    from lora_trainer.train.loop import _Run
+
+
+def training_info(run: _Run, epoch: int, stopped_early: bool) -> TrainingInfo:
+    """The run's kohya metadata (``ss_*``) at ``epoch``."""
+    cfg, a = run.cfg, run.adapter
+    ds, net, opt, tr = cfg.dataset, cfg.network, cfg.optim, cfg.training
+    comment = cfg.save.training_comment
+    if comment is None and run.trigger_words:
+        comment = "trigger words: " + ", ".join(run.trigger_words)
+    report = run.dataset.bucket_report
+    return TrainingInfo(
+        family=a.family,
+        output_name=cfg.save.output_name,
+        v_prediction=a.prediction_type == "v_prediction",
+        network_dim=net.network_dim,
+        network_alpha=net.network_alpha,
+        conv_dim=net.conv_dim or None,
+        conv_alpha=net.conv_alpha if net.conv_dim else None,
+        network_dropout=net.network_dropout or None,
+        rank_dropout=net.rank_dropout or None,
+        module_dropout=net.module_dropout or None,
+        resolution=ds.resolution_wh,
+        num_train_images=run.dataset.num_train_images,
+        num_batches_per_epoch=len(run.dataset),
+        tag_frequency=dataset_tag_frequency(run.items),
+        dataset_dirs=dataset_dirs_info(run.items),
+        bucket_info=report.to_metadata() if report is not None else None,
+        enable_bucket=ds.enable_bucket,
+        bucket_no_upscale=ds.bucket_no_upscale,
+        min_bucket_reso=ds.min_bucket_reso,
+        max_bucket_reso=ds.max_bucket_reso,
+        shuffle_caption=ds.shuffle_caption,
+        keep_tokens=ds.keep_tokens,
+        caption_dropout_rate=ds.caption_dropout_rate,
+        caption_dropout_every_n_epochs=ds.caption_dropout_every_n_epochs,
+        caption_tag_dropout_rate=ds.caption_tag_dropout_rate,
+        flip_aug=ds.flip_aug,
+        cache_latents=ds.cache_latents,
+        max_train_steps=run.total_steps,
+        num_epochs=run.total_epochs,
+        steps=run.step,
+        epoch=epoch,
+        learning_rate=opt.learning_rate,
+        unet_lr=opt.resolved_unet_lr if net.train_unet else None,
+        text_encoder_lr=opt.resolved_text_encoder_lr if net.train_text_encoder else None,
+        optimizer=optimizer_string(run.optimizer, opt.optimizer_args),
+        lr_scheduler=opt.lr_scheduler,
+        lr_warmup_steps=opt.lr_warmup_steps,
+        batch_size=tr.train_batch_size,
+        gradient_accumulation_steps=tr.gradient_accumulation_steps,
+        gradient_checkpointing=tr.gradient_checkpointing,
+        max_grad_norm=opt.max_grad_norm,
+        mixed_precision=run.precision.name,
+        seed=run.seed,
+        clip_skip=run.clip_skip if a.family != "sdxl" else None,
+        max_token_length=ds.max_token_length,
+        noise_offset=tr.noise_offset or None,
+        min_snr_gamma=tr.min_snr_gamma or None,
+        training_comment=comment,
+        sd_model_name=a.model_name or None,
+        new_sd_model_hash=a.model_hash or None,
+        vae_name=a.vae_name or None,
+        session_id=run.session_id,
+        training_started_at=run.started_at,
+        stopped_early=stopped_early,
+        title=cfg.save.metadata_title,
+        author=cfg.save.metadata_author,
+        description=cfg.save.metadata_description,
+        tags=cfg.save.metadata_tags,
+    )
