@@ -46,7 +46,6 @@ from lora_trainer.errors import ConfigError, IncompatibleModelError
 from lora_trainer.files.kohya_metadata import build_metadata
 from lora_trainer.files.lora_file import save_lora
 from lora_trainer.files.resume_state import StateFileError, load_state, save_state
-from lora_trainer.log import logger
 from lora_trainer.naming import find_targets
 from lora_trainer.networks.network import LoRANetwork
 from lora_trainer.train import objectives
@@ -439,9 +438,7 @@ class _Run:
             path = save_lora(
                 target, self.network.state_dict(), metadata, dtype=self.cfg.save.save_precision, overwrite=overwrite
             )
-        if path.name != target.name:
-            logger.info("%s.safetensors exists; saved as %s", stem, path.name)
-        result.saved.append(path)
+        result.saved.append(path)  # save_lora logs it when a taken name made it pick another
         self.callbacks.on_save(path, final)
         return path
 
