@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import random
 import sys
 import tempfile
 import time
@@ -25,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,23 +35,11 @@ from lora_trainer.train.device import device_memory, device_throughput, release_
 from lora_trainer.train.loop import train
 from lora_trainer.train.memory import GB, estimate, profile_model, settings_from_config
 from tests.fixtures import webui_models
+from tests.fixtures.training import make_dataset
 from tests.fixtures.webui_models import TinyAdapter
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 RESOLUTION = {("sd1", "full"): 512, ("sdxl", "full"): 1024, ("sd1", "tiny"): 64, ("sdxl", "tiny"): 128}
-
-
-def make_images(folder: Path, n: int, size: int) -> Path:
-    sub = folder / "1_check"
-    sub.mkdir(parents=True)
-    rng = random.Random(0)
-    for i in range(n):
-        img = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
-        for x in range(0, size, 16):
-            img.putpixel((x, (x * (i + 3)) % size), (255, 255, 255))
-        img.save(sub / f"{i}.png")
-        (sub / f"{i}.txt").write_text(f"check subject, photo {i}, plain background")
-    return folder
 
 
 def config(data: Path, out: Path, resolution: int, dtype: str, checkpointing: bool, steps: int) -> TrainConfig:
@@ -196,7 +182,7 @@ def main() -> int:
             profile = profile_model(family, adapter.unet, adapter.text_encoders, adapter.root.first_stage_model)
             copies = snapshot(adapter)
             with tempfile.TemporaryDirectory() as tmp:
-                make_images(Path(tmp) / "data", 4, RESOLUTION[family, args.size])
+                make_dataset(Path(tmp) / "data", n=4, size=RESOLUTION[family, args.size], folder="1_check")
                 for attn in attentions(device):
                     for checkpointing in (False, True):
                         memory = device_memory(device, attention=attn)
