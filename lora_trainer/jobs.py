@@ -65,7 +65,7 @@ class Job:
     steps_per_s: float = 0.0
     skipped_steps: int = 0  # steps skipped for NaN/inf loss or gradients (lora_trainer.train.guards)
     eta_s: float | None = None
-    losses: list[float] = dataclasses.field(default_factory=list)
+    losses: list[float | None] = dataclasses.field(default_factory=list)
     samples: list[str] = dataclasses.field(default_factory=list)
     saved: list[str] = dataclasses.field(default_factory=list)
     output_file: str | None = None

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -179,8 +180,10 @@ def test_a_few_bad_steps_are_skipped_and_counted(tmp_path, dtype_name, kind):
     if dtype_name != "fp16":  # no scaler: only the injected steps are skipped
         assert rec.skipped_at() == [4, 5]
         assert result.skipped_steps == 2
-    assert all(math.isfinite(i.loss) and math.isfinite(i.avg_loss) for i in rec.infos)  # progress never shows NaN
-    assert math.isnan(result.losses[3]) == (kind == "nan_loss")
+    # progress never shows NaN, nor a made-up number: a skipped NaN loss is None ("–" in the tab)
+    assert all(i.loss is None or math.isfinite(i.loss) for i in rec.infos)
+    assert all(i.avg_loss is not None and math.isfinite(i.avg_loss) for i in rec.infos)
+    assert (result.losses[3] is None) == (kind == "nan_loss")
     state, _ = load_lora(result.output_path)
     assert all(torch.isfinite(v.float()).all() for v in state.values())
 
@@ -285,7 +288,8 @@ def test_job_status_shows_skipped_steps_and_the_stop_reason(tmp_path):
     assert status["skipped_steps"] == 2
     assert math.isfinite(status["loss"])
     assert math.isfinite(status["avg_loss"])
-    assert [math.isnan(x) for x in status["losses"]] == [False, True, True, False, False, False]
+    assert [x is None for x in status["losses"]] == [False, True, True, False, False, False]
+    json.dumps(status, allow_nan=False)  # valid JSON for the API: no NaN anywhere
     assert "2 skipped (NaN/inf)" in status_html(status)
 
     host = FakeHost(tmp_path / "b")
@@ -298,3 +302,20 @@ def test_job_status_shows_skipped_steps_and_the_stop_reason(tmp_path):
     assert status["state"] == "failed"
     assert f"{MAX_BAD_STEPS_IN_A_ROW} steps in a row were skipped" in status["error"]
     assert not list(host.lora_dir.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
+def test_a_run_whose_every_step_was_skipped_writes_no_file(tmp_path, dtype_name):
+    """A run that trained nothing (every step skipped, here 3 steps, fewer than the in-a-row limit)
+    ends with a reason instead of writing a LoRA that changes nothing."""
+    adapter = half_model(dtype_name)
+    inject(adapter, "nan_loss", {1, 2, 3})
+    cfg = make_config(tmp_path, **{"training.max_train_steps": 3})
+    snapshot = model_snapshot(adapter)
+    rec = Record()
+    with pytest.raises(NonFiniteError, match=r"Nothing was trained: all 3 steps were skipped"):
+        train(cfg, adapter, rec, work_dir=tmp_path / "work")
+    assert_model_unchanged(adapter, snapshot)
+    assert no_lora_files(tmp_path)
+    assert rec.infos[0].loss is None
+    assert rec.infos[0].avg_loss is None  # no finite loss yet: nothing to average, nothing made up

@@ -21,8 +21,8 @@ class StepInfo:
     total_steps: int
     epoch: int  # 1-based
     total_epochs: int
-    loss: float  # this step's loss (mean over its micro-batches)
-    avg_loss: float  # mean of the last few steps' losses
+    loss: float | None  # this step's loss (mean over its micro-batches); None when it was NaN/inf (skipped)
+    avg_loss: float | None  # mean of the last few finite losses; None before the first
     lrs: dict[str, float]  # learning rate per parameter group ("unet", "text_encoder")
     steps_per_s: float
     eta_s: float
@@ -37,7 +37,7 @@ class TrainResult:
     epochs: int
     stopped_early: bool
     state_dir: Path | None  # resume state, if written
-    losses: list[float] = field(default_factory=list)  # loss of every step
+    losses: list[float | None] = field(default_factory=list)  # loss of every step (None: NaN/inf, skipped)
     saved: list[Path] = field(default_factory=list)  # every LoRA file written, in order
     seed: int = 0
     skipped_steps: int = 0  # steps skipped for NaN/inf loss or gradients (their losses are in ``losses``)
@@ -78,12 +78,12 @@ class ProgressMeter:
         self, step: int, epoch: int, total_epochs: int, loss: float, lrs: dict[str, float], skipped: int = 0
     ) -> StepInfo:
         """The StepInfo of ``step``; a NaN/inf ``loss`` (a skipped step) is left out of the average and
-        reported as the average, so progress never shows a non-finite number."""
+        reported as None, so progress never shows a non-finite (or made-up) number."""
         now = time.perf_counter()
         self.times.append(now)
         if math.isfinite(loss):
             self.losses.append(loss)
-        avg = sum(self.losses) / len(self.losses) if self.losses else 0.0
+        avg = sum(self.losses) / len(self.losses) if self.losses else None
         span = self.times[-1] - self.times[0]
         rate = (len(self.times) - 1) / span if span > 0 else 0.0
         remaining = max(self.total_steps - step, 0)
@@ -92,7 +92,7 @@ class ProgressMeter:
             total_steps=self.total_steps,
             epoch=epoch,
             total_epochs=total_epochs,
-            loss=loss if math.isfinite(loss) else avg,
+            loss=loss if math.isfinite(loss) else None,
             avg_loss=avg,
             lrs=lrs,
             steps_per_s=rate,

@@ -25,6 +25,9 @@ Non-finite guard (:class:`StepGuard`): nothing NaN or inf reaches the LoRA weigh
 * A skipped step still counts as a step of the run (progress, schedule of saves and previews).
 * :data:`MAX_BAD_STEPS_IN_A_ROW` counted skips in a row stop the run with :class:`NonFiniteError`:
   nothing more is written by that run (files saved earlier hold finite weights).
+* A run whose every step was skipped trained nothing: it ends with :class:`NonFiniteError` rather
+  than write a LoRA that changes nothing (on an fp16 model the loss scale may need more steps than a
+  short run has to settle).
 * ``save_lora`` refuses a state dict holding NaN/inf (:class:`NonFiniteError`), so no file is ever
   written with non-finite weights.
 """
@@ -99,6 +102,15 @@ class StepGuard:
     def ok(self) -> None:
         """An optimizer step was taken."""
         self.in_a_row = 0
+
+    def require_progress(self, steps: int) -> None:
+        """Raise NonFiniteError when all ``steps`` steps of the run were skipped (nothing was trained)."""
+        if steps and self.skipped >= steps:
+            raise NonFiniteError(
+                f"Nothing was trained: all {steps} steps were skipped for NaN/inf losses or gradients, so no "
+                "LoRA file was written. On an fp16 model the loss scale needs some steps to settle: train "
+                "more steps, or use bf16 where the GPU has it, or the WebUI's --no-half (fp32)."
+            )
 
     def skip(self, step: int, what: str, *, counts: bool = True) -> None:
         """Step ``step`` was skipped because of ``what``; raises NonFiniteError at the limit."""

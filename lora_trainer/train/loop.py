@@ -374,6 +374,7 @@ class _Run:
         result.steps, result.epochs = self.step, min(epoch, self.total_epochs)
         if self.step == 0:
             return
+        self.guard.require_progress(self.step)
         result.output_path = self._save(result, cfg.save.output_name, result.epochs, final=True)
         if cfg.save.save_state or result.stopped_early:
             result.state_dir = self._save_state(result)
@@ -401,7 +402,7 @@ class _Run:
             self._optimizer_step(finite)
             self.step += 1
             self.position = (epoch, batch["batch_index"] + 1)
-            result.losses.append(loss_sum / micro)
+            result.losses.append(loss_sum / micro if math.isfinite(loss_sum) else None)
             result.skipped_steps, result.upcast_latents = self.guard.skipped, self.upcast_latents
             lrs = current_lrs(self.optimizer)
             info = self.meter.update(self.step, epoch, self.total_epochs, loss_sum / micro, lrs, self.guard.skipped)

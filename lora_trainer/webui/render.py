@@ -130,7 +130,7 @@ def memory_line(memory: dict[str, Any]) -> str:
     """ "Memory: estimated peak 9.8 GB, measured 9.1 GB (NVIDIA ...)" from ``Job.to_dict()["memory"]``."""
     estimated, measured = memory.get("estimated_peak_gb"), memory.get("measured_peak_gb")
     parts = [f"estimated peak {estimated:.2f} GB" if estimated is not None else "no estimate"]
-    parts.append(f"measured {measured:.2f} GB" if measured is not None else "measured: only on CUDA")
+    parts.append(f"measured {measured:.2f} GB" if measured is not None else "measured peak: not tracked on the CPU")
     device = f" ({memory['device']})" if memory.get("device") else ""
     return "Memory: " + ", ".join(parts) + device
 
