@@ -200,6 +200,11 @@ class Host(Protocol):
         """Latent caches, resume states, samples."""
         ...
 
+    def allowed_output_roots(self) -> Sequence[Path] | None:
+        """The folders a run may write its LoRA under (the Lora folder); None: anywhere, which only
+        the host's own settings may allow, never a request."""
+        ...
+
     def model_info(self) -> ModelInfo: ...
 
     def free_memory(self) -> DeviceMemory:

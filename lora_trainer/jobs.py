@@ -27,13 +27,13 @@ import torch
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.contracts import Host
-from lora_trainer.data.scan import scan_dataset
 from lora_trainer.errors import IncompatibleModelError, LoraTrainerError, OutOfMemory
 from lora_trainer.log import logger
 from lora_trainer.train.callbacks import Callbacks, StepInfo
 from lora_trainer.train.device import device_throughput, is_out_of_memory, release_memory
 from lora_trainer.train.loop import train
 from lora_trainer.train.memory import GB, Plan, estimate, format_bytes, settings_from_config
+from lora_trainer.train.preflight import check_dataset, check_resume, resolve_output_dir
 
 
 class JobBusyError(LoraTrainerError):
@@ -80,6 +80,14 @@ class Job:
     def active(self) -> bool:
         return self.state in ("queued", "running")
 
+    def _eta(self) -> float | None:
+        """Seconds left: while running (None while unknown), 0 when done, None for a stopped or failed run."""
+        if self.state == "done":
+            return 0.0
+        if self.state != "running" or self.eta_s is None or self.eta_s == float("inf"):
+            return None
+        return self.eta_s
+
     def to_dict(self, *, with_losses: bool = True) -> dict[str, Any]:
         """JSON-safe status for the UI and the API."""
         return {
@@ -96,7 +104,7 @@ class Job:
             "lr": self.lr,
             "steps_per_s": self.steps_per_s,
             "skipped_steps": self.skipped_steps,
-            "eta_s": self.eta_s if self.eta_s is None or self.eta_s != float("inf") else None,
+            "eta_s": self._eta(),
             "output_file": self.output_file,
             "saved": self.saved,
             "samples": self.samples,
@@ -158,13 +166,15 @@ class JobManager:
     def start(self, cfg: TrainConfig, *, resume: bool = False) -> Job:
         """Validate and start; ConfigError, DatasetError or JobBusyError come back at once, nothing started."""
         submitted = cfg
-        if cfg.save.output_dir is None:
-            cfg = dataclasses.replace(cfg, save=dataclasses.replace(cfg.save, output_dir=str(self.host.lora_dir)))
         cfg.validate()
-        scan_dataset(cfg.dataset.train_data_dir, cfg.dataset.caption_extension)  # a missing or empty folder fails now
-        problem = self.host.model_info().problem
-        if problem:
-            raise IncompatibleModelError(problem)
+        output_dir = resolve_output_dir(cfg.save.output_dir, self.host.lora_dir, self.host.allowed_output_roots())
+        cfg = dataclasses.replace(cfg, save=dataclasses.replace(cfg.save, output_dir=str(output_dir)))
+        check_dataset(cfg)  # a missing or empty folder, or one with an unreadable image, fails now
+        info = self.host.model_info()
+        if info.problem:
+            raise IncompatibleModelError(info.problem)
+        if resume:
+            check_resume(cfg, info.family or "", self.host.work_dir)
         with self._lock:
             running = self.current()
             if running is not None:

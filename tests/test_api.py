@@ -32,7 +32,7 @@ def api(tmp_path):
 
 def body(tmp_path, steps=2, **overrides) -> dict:
     cfg = make_config(tmp_path, **{"training.max_train_steps": steps, **overrides})
-    cfg.save.output_dir = None
+    cfg.save.output_dir = overrides.get("save.output_dir")  # unset: the host's Lora folder
     return cfg.to_dict()
 
 
@@ -113,6 +113,7 @@ def test_busy_then_cancel(api, tmp_path):
     status = wait_done(client, first.json()["id"])
     assert status["state"] == "stopped"
     assert status["step"] == 0
+    assert status["eta_s"] is None
     assert status["output_file"] is None
 
 
@@ -129,10 +130,10 @@ def test_preset_with_overrides_and_resume(api, tmp_path):
     assert job.config.to_dict()["network"] == expected["network"]  # the rest comes from the preset
     assert not job.resume
     wait_done(client, job.id)
-    resumed = client.post(f"{PREFIX}/jobs", json={**body(tmp_path, 1), "resume": True})
-    assert resumed.status_code == 202
-    assert manager.get(resumed.json()["id"]).resume
-    wait_done(client, resumed.json()["id"])
+    nothing = client.post(f"{PREFIX}/jobs", json={**body(tmp_path, 1), "resume": True})
+    assert nothing.status_code == 422  # no stopped run of that name: refused at the door, not failed later
+    assert nothing.json()["field"] == "resume"
+    assert "no stopped run of 'tiny'" in nothing.json()["error"]
 
 
 @pytest.mark.parametrize(
@@ -250,3 +251,39 @@ def test_parse_credentials_and_config_from_request():
     cfg, resume = config_from_request({"config": {"network": {"network_dim": 4}}})
     assert cfg.network.network_dim == 4
     assert not resume
+
+
+def test_api_writes_only_under_the_lora_folder(api, tmp_path):
+    client, manager, host = api
+    outside = tmp_path / "anywhere" / "deep"
+    refused = client.post(f"{PREFIX}/jobs", json=body(tmp_path, 1, **{"save.output_dir": str(outside)}))
+    assert refused.status_code == 422
+    assert refused.json()["field"] == "save.output_dir"
+    assert "outside the WebUI's Lora folder" in refused.json()["error"]
+    assert "Settings > LoRA Train" in refused.json()["error"]  # what to do
+    assert not (tmp_path / "anywhere").exists()
+    assert manager.list() == []
+    accepted = client.post(f"{PREFIX}/jobs", json=body(tmp_path, 1, **{"save.output_dir": "api/runs"}))
+    assert accepted.status_code == 202, accepted.text
+    done = wait_done(client, accepted.json()["id"])
+    assert done["output_file"] == str(host.lora_dir / "api" / "runs" / "tiny.safetensors")
+
+
+def test_dataset_and_resume_problems_are_422_with_their_field(api, tmp_path):
+    client, manager, _ = api
+    unreadable = tmp_path / "unreadable" / "1_x"
+    unreadable.mkdir(parents=True)
+    (unreadable / "a.png").write_bytes(b"GIF89a but not really")
+    (tmp_path / "empty").mkdir()
+    for folder in (unreadable.parent, tmp_path / "missing", tmp_path / "empty"):
+        response = client.post(f"{PREFIX}/jobs", json=body(tmp_path, 1, **{"dataset.train_data_dir": str(folder)}))
+        assert response.status_code == 422
+        assert response.json()["field"] == "dataset.train_data_dir"
+        assert str(folder) in response.json()["error"]
+    first = client.post(f"{PREFIX}/jobs", json=body(tmp_path, 1, **{"save.save_state": True}))
+    wait_done(client, first.json()["id"])
+    other = client.post(f"{PREFIX}/jobs", json={**body(tmp_path, 1, **{"optim.learning_rate": 0.5}), "resume": True})
+    assert other.status_code == 422
+    assert other.json()["field"] == "optim.learning_rate"
+    assert "differs from the stopped run of 'tiny'" in other.json()["error"]
+    assert len(manager.list()) == 1

@@ -1,5 +1,6 @@
 """JobManager over a stand-in host: lifecycle, one job at a time, cancel, failures, samples."""
 
+import json
 import threading
 
 import pytest
@@ -12,7 +13,7 @@ from tests.fixtures.training import make_config
 
 def config(tmp_path, **overrides):
     cfg = make_config(tmp_path, **overrides)
-    cfg.save.output_dir = None  # the host's Lora folder
+    cfg.save.output_dir = overrides.get("save.output_dir")  # unset: the host's Lora folder
     return cfg
 
 
@@ -127,3 +128,98 @@ def test_samples_are_written_every_n_steps(tmp_path):
     assert job.state == "done"
     assert len(job.samples) == 6  # steps 2, 4 and 6 (the last), two prompts each
     assert all(p.endswith(".png") for p in job.samples)
+
+
+# --------------------------------------------------------------------------------------------
+# refused at the door: where files are written, unreadable datasets, resume with other settings
+
+
+def test_output_dir_must_be_inside_the_lora_folder_unless_the_setting_allows(tmp_path):
+    host = FakeHost(tmp_path)
+    manager = JobManager(host)
+    outside = tmp_path / "elsewhere"
+    link = host.lora_dir / "link"
+    link.symlink_to(outside, target_is_directory=True)  # a link in the Lora folder that leads out of it
+    for bad in (str(outside), "../../escape", "link/sub", str(host.lora_dir / ".." / "x")):
+        with pytest.raises(ConfigError, match="outside the WebUI's Lora folder") as refused:
+            manager.start(config(tmp_path, **{"save.output_dir": bad, "training.max_train_steps": 1}))
+        assert refused.value.field == "save.output_dir"
+        assert "Settings > LoRA Train" in refused.value.message
+    assert manager.list() == []
+    assert not outside.exists()
+    assert not (tmp_path / "escape").exists()
+    inside = manager.start(config(tmp_path, **{"save.output_dir": "chars/mine", "training.max_train_steps": 1}))
+    assert inside.config.save.output_dir == str(host.lora_dir / "chars" / "mine")  # relative: under the Lora folder
+    assert manager.wait(inside.id, timeout=120).state == "done", inside.error
+    assert (host.lora_dir / "chars" / "mine" / "tiny.safetensors").is_file()
+    host.allow_any_output_dir = True  # the WebUI setting, never a request field
+    anywhere = manager.start(config(tmp_path, **{"save.output_dir": str(outside), "training.max_train_steps": 1}))
+    assert manager.wait(anywhere.id, timeout=120).state == "done", anywhere.error
+    assert (outside / "tiny.safetensors").is_file()
+
+
+def test_dataset_without_readable_images_is_refused_with_its_field(tmp_path):
+    manager = JobManager(FakeHost(tmp_path))
+    broken = tmp_path / "broken" / "2_subject"
+    broken.mkdir(parents=True)
+    for i in range(2):
+        (broken / f"img{i}.png").write_bytes(b"not an image at all" * 10)
+        (broken / f"img{i}.txt").write_text("subject")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = {
+        str(broken.parent): "no image in",
+        str(tmp_path / "nowhere"): "does not exist",
+        str(empty): "No training images found",
+    }
+    for folder, message in cases.items():
+        with pytest.raises(DatasetError, match=message) as refused:
+            manager.start(config(tmp_path, **{"dataset.train_data_dir": folder}))
+        assert isinstance(refused.value, ConfigError)
+        assert refused.value.field == "dataset.train_data_dir"
+    good = config(tmp_path).dataset.train_data_dir
+    (tmp_path / "data" / "2_subject" / "img9.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # one bad among good
+    with pytest.raises(ConfigError, match=r"1 of 3 images .* cannot be read.*img9\.png") as refused:
+        manager.start(config(tmp_path, **{"dataset.train_data_dir": good}))
+    assert refused.value.field == "dataset.train_data_dir"
+    assert manager.list() == []
+
+
+def test_resume_is_refused_at_start_without_a_run_or_with_other_settings(tmp_path):
+    host = FakeHost(tmp_path)
+    manager = JobManager(host)
+    with pytest.raises(ConfigError, match="no stopped run of 'tiny'") as refused:
+        manager.start(config(tmp_path), resume=True)
+    assert refused.value.field == "resume"
+    first = manager.start(config(tmp_path, **{"training.max_train_steps": 1, "save.save_state": True}))
+    assert manager.wait(first.id, timeout=120).state == "done", first.error
+    with pytest.raises(ConfigError, match=r"differs from the stopped run of 'tiny' \(4 then, 8 now\)") as refused:
+        manager.start(config(tmp_path, **{"network.network_dim": 8, "save.save_state": True}), resume=True)
+    assert refused.value.field == "network.network_dim"
+    state_json = host.work_dir / "states" / "tiny" / "state.json"
+    document = json.loads(state_json.read_text())
+    del document["info"]["info"]["settings"]  # a state saved before the settings were kept in it
+    state_json.write_text(json.dumps(document))
+    with pytest.raises(ConfigError, match="the settings differ") as refused:
+        manager.start(config(tmp_path, **{"network.network_dim": 8}), resume=True)
+    assert refused.value.field == "resume"
+    assert len(manager.list()) == 1
+    again = manager.start(config(tmp_path, **{"training.max_train_steps": 2, "training.seed": 99}), resume=True)
+    assert manager.wait(again.id, timeout=120).state == "done", again.error
+
+
+def test_a_stopped_job_reports_no_eta(tmp_path):
+    host = FakeHost(tmp_path)
+    manager = JobManager(host)
+    original = host.on_job_progress
+
+    def stop_at_two(job):
+        original(job)
+        if job.step == 2:
+            manager.cancel(job.id)
+
+    host.on_job_progress = stop_at_two
+    job = manager.wait(manager.start(config(tmp_path, **{"training.max_train_steps": 50})).id, timeout=120)
+    assert job.state == "stopped"
+    assert job.eta_s is not None  # the last step's estimate ...
+    assert job.to_dict()["eta_s"] is None  # ... is not reported once it stopped

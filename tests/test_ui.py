@@ -298,7 +298,9 @@ def test_status_html_states():
     assert "0.1235" in html
     assert "x&lt;y&gt;" in html
     assert "width:30.0%" in html
+    assert "Last run:" not in html  # a current job
     failed = render.status_html({**job, "state": "failed", "error": "DatasetError: no images", "finished_at": 9.0})
+    assert "Last run:" in failed  # a reloaded page says the panel shows a previous job
     assert "lora_train_msg_error" in failed
     assert "no images" in failed
     assert "took 0:08" in failed
@@ -524,6 +526,9 @@ def test_help_tooltips_cover_every_field():
     html = _help_json()
     data = json.loads(html.split(">", 1)[1].rsplit("<", 1)[0].replace("<\\/", "</"))
     assert data == {fields.elem_id(s.path): s.help for s in FIELDS}
+    overwrite = data[fields.elem_id("save.overwrite")]  # says what a run does when it is off: a free name
+    assert "NAME_1" in overwrite
+    assert "stop with an error" not in overwrite
 
 
 def test_field_table_matches_the_dataclasses():
@@ -578,3 +583,17 @@ def test_runtime_over_the_real_webui_backend(monkeypatch, tmp_path):
         fake.cmd_opts.api = True
         runtime.on_app_started(None, app)
         assert [r for r in app.routes if "/lora-train/v1/" in getattr(r, "path", "")]
+
+
+def test_tab_output_folder_goes_through_the_same_check(actions, manager, host, tmp_path):
+    values = by_path(good_values(tmp_path, **{"training.max_train_steps": 1}))
+    values["save.output_dir"] = str(tmp_path / "elsewhere")
+    html = actions.start(*values.values())
+    assert "Cannot start:" in html
+    assert "save.output_dir" in html
+    assert "outside the WebUI" in html
+    assert manager.latest() is None
+    assert not (tmp_path / "elsewhere").exists()
+    host.allow_any_output_dir = True
+    assert "Started 'tiny'" in actions.start(*values.values())
+    assert manager.wait(manager.latest().id, timeout=120).state == "done"

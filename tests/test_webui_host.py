@@ -651,8 +651,10 @@ def test_settings_section_folders_and_api_switches(make_webui, monkeypatch):
     fake = make_webui("sd1")
     be = fake.backend.options
     gradio = types.ModuleType("gradio")
-    gradio.Dropdown, gradio.Slider = "Dropdown", "Slider"
+    gradio.Dropdown, gradio.Slider, gradio.Checkbox = "Dropdown", "Slider", "Checkbox"
     monkeypatch.setitem(sys.modules, "gradio", gradio)
+    with pytest.raises(KeyError):  # the WebUI knows a setting only once the extension declared it
+        fake.opts.set(be.OPT_ANY_OUTPUT_DIR, True)
     register_settings()
     labels = fake.opts.data_labels
     for key, default in be.SETTINGS.items():
@@ -672,8 +674,16 @@ def test_settings_section_folders_and_api_switches(make_webui, monkeypatch):
     for bad in ("../elsewhere", "/abs", "C:/x"):
         fake.opts.data[be.OPT_SUBFOLDER] = bad
         assert host.lora_dir == lora_dir
+    # where runs may write: the Lora folder itself (subfolder setting or not), anywhere only by the setting
+    assert labels[be.OPT_ANY_OUTPUT_DIR].component == "Checkbox"
+    assert host.allowed_output_roots() == [lora_dir]
+    assert fake.opts.set(be.OPT_ANY_OUTPUT_DIR, True)
+    assert host.allowed_output_roots() is None
+    assert fake.opts.set(be.OPT_ANY_OUTPUT_DIR, False)
+    assert host.allowed_output_roots() == [lora_dir]
     del fake.cmd_opts.lora_dir  # the Lora extension is disabled: its --lora-dir option does not exist
     assert host.lora_dir == Path(fake.cmd_opts.data_dir) / "models" / "Lora"
+    assert host.allowed_output_roots() == [host.lora_dir]
 
     assert not be.api_enabled()
     assert be.api_auth() is None

@@ -212,3 +212,65 @@ def test_unexpected_decoder_errors_are_not_fatal(tmp_path, monkeypatch):
     assert report.kept == 1
     assert report.quarantined == 1
     assert "IndexError: broken tile table" in report.problems_with("corrupt")[0].message
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_images_above_the_workshop_pixel_limit_are_set_aside_from_the_header(tmp_path):
+    ws = Workspace.create(tmp_path / "w", "ds")
+    d = ws.path / "1_c"
+    save(pattern((32, 32), seed=1), d / "good.png")
+    png_header_only(d / "big.png", 13000, 13000)  # under Pillow's own limit; ~500 MB per decode
+    png_header_only(d / "bomb.png", 30000, 30000)  # over Pillow's: it refuses to open it
+    report = ws.clean()  # the default limit
+    assert report.kept == 1
+    assert report.quarantined == 2
+    notes = {p.path: p for p in report.problems if p.severity == "error"}
+    assert {k: p.code for k, p in notes.items()} == {"1_c/big.png": "too_large", "1_c/bomb.png": "too_large"}
+    big = notes["1_c/big.png"].message  # too_large (not corrupt): refused from the header, never decoded
+    assert "13000x13000 (169.0 megapixels)" in big
+    assert "above the workshop's limit of 67.1 megapixels" in big
+    assert "memory" in big
+    assert "moved to .workshop/quarantine" in big
+    assert "900.0 megapixels" in notes["1_c/bomb.png"].message
+
+
+def test_clean_workers_are_bounded_by_memory(tmp_path, monkeypatch):
+    from lora_trainer.workshop import cleaning, resources
+
+    monkeypatch.setattr(resources.os, "cpu_count", lambda: 16)
+    gib = 1 << 30
+    monkeypatch.setattr(resources, "available_memory", lambda: 64 * gib)
+    assert resources.worker_count() == 4  # the CPU bound
+    monkeypatch.setattr(resources, "available_memory", lambda: 3 * gib)
+    assert resources.worker_count() == 1  # half of 3 GiB carries one 1 GiB worker
+    assert resources.worker_count(max_pixels=2048 * 2048) == 4  # smaller images, smaller workers
+    monkeypatch.setattr(resources, "available_memory", lambda: 100 << 20)
+    assert resources.worker_count() == 1  # always at least one
+    assert resources.worker_count(3) == 3  # an explicit count is kept
+    monkeypatch.setattr(resources, "available_memory", lambda: None)
+    assert resources.worker_count() == 4  # memory unknown: the CPU bound alone
+
+    seen = []
+    real_pool = cleaning.ThreadPoolExecutor
+
+    def pool(max_workers):
+        seen.append(max_workers)
+        return real_pool(max_workers=max_workers)
+
+    monkeypatch.setattr(cleaning, "ThreadPoolExecutor", pool)
+    monkeypatch.setattr(resources, "available_memory", lambda: 3 * gib)
+    ws = Workspace.create(tmp_path / "w", "ds")
+    save(pattern((32, 32), seed=1), ws.path / "1_c" / "a.png")
+    assert ws.clean().kept == 1
+    assert seen == [1]
+
+
+def test_available_memory_reads_meminfo(tmp_path):
+    from lora_trainer.workshop.resources import available_memory
+
+    f = tmp_path / "meminfo"
+    f.write_text("MemTotal:       16000000 kB\nMemFree:  1000 kB\nMemAvailable:    8000000 kB\n", encoding="ascii")
+    assert available_memory(str(f)) == 8000000 * 1024
+    f.write_text("MemTotal:       16000000 kB\n", encoding="ascii")
+    assert available_memory(str(f)) is None
+    assert available_memory(str(tmp_path / "missing")) is None

@@ -103,3 +103,40 @@ def test_unreadable_image_reported(ws):
     report = ws.find_duplicates()
     assert report.problem_paths("unreadable") == ["1_c/broken.png"]
     assert report.images == 6
+
+
+def test_near_groups_do_not_chain(tmp_path):
+    """A morph from one picture to another: each step near the next, the ends far apart."""
+    import numpy as np
+
+    from lora_trainer.workshop.dedupe import DEFAULT_THRESHOLD, color_signature
+
+    a = np.asarray(pattern((96, 64), seed=1).convert("L"), dtype=np.float32)
+    b = np.asarray(pattern((96, 64), seed=2).convert("L"), dtype=np.float32)
+    n = 24
+    chain = [
+        Image.fromarray(((1 - k / (n - 1)) * a + k / (n - 1) * b).astype(np.uint8)).convert("RGB") for k in range(n)
+    ]
+    hashes = [dhash(img) for img in chain]
+    colors = [np.frombuffer(color_signature(img), dtype=np.uint8).astype(int) for img in chain]
+    # The premise: every step is a near pair, the distance from the first grows, the ends are far apart.
+    steps = [hamming(hashes[k], hashes[k + 1]) for k in range(n - 1)]
+    assert max(steps) <= DEFAULT_THRESHOLD
+    assert all(np.abs(colors[k] - colors[k + 1]).mean() <= 24 for k in range(n - 1))
+    assert hamming(hashes[0], hashes[-1]) > 4 * DEFAULT_THRESHOLD
+    assert hamming(hashes[0], hashes[n // 2]) > DEFAULT_THRESHOLD
+    ws = Workspace.create(tmp_path / "w", "ds")
+    for k, img in enumerate(chain):
+        save(img, ws.path / "1_c" / f"step{k:02d}.png")
+
+    report = ws.find_duplicates()
+    assert len(report.near) > 1  # transitively, all 24 would be one group
+    by_name = {f"1_c/step{k:02d}.png": hashes[k] for k in range(n)}
+    grouped = [f for g in report.near for f in g.files]
+    assert len(grouped) == len(set(grouped))  # no image in two groups
+    for g in report.near:
+        assert g.keep in g.files
+        far = [f for f in g.files if hamming(by_name[f], by_name[g.keep]) > DEFAULT_THRESHOLD]
+        assert far == [], f"{far} grouped with {g.keep} though not near it"
+        assert g.distance == max(hamming(by_name[f], by_name[g.keep]) for f in g.files)
+        assert g.distance <= DEFAULT_THRESHOLD

@@ -170,20 +170,18 @@ def test_unreadable_file_is_reported_not_fatal(ws, tmp_path):
 
 
 def test_unreadable_file_via_open_failure(ws, tmp_path, monkeypatch):
-    """Same as above, for root: make open() fail for one source file."""
-    import builtins
-
+    """Same as above, for root: make opening one source file fail (sources are opened with os.open)."""
     src = tmp_path / "src"
     save(pattern(), src / "ok.png")
     bad = save(pattern(seed=1), src / "locked.png")
-    real_open = builtins.open
+    real_open = os.open
 
     def fake_open(file, *a, **k):
         if Path(os.fspath(file)) == bad:
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file, *a, **k)
 
-    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_open)
     report = ws.import_folder(src)
     assert [f.path for f in report.imported] == ["1_src/ok.png"]
     [p] = report.problems_with("unreadable")

@@ -167,3 +167,52 @@ def test_uploaded_zip_among_files(ws, tmp_path):
     assert {f.path for f in report.imported} == {"10_dog/rex.png", "1_misc/solo.png"}
     assert os.path.exists(z)
     assert os.path.exists(img)
+
+
+def zeros_zip(path: Path, members: int, size: int) -> Path:
+    """A zip of ``members`` flat BMP-named files of ``size`` zeros each: a bomb made of many small members."""
+    return make_zip(path, {f"z{i:02d}.bmp": b"\0" * size for i in range(members)})
+
+
+def test_zip_of_many_small_bombs_is_refused_before_writing(ws, tmp_path):
+    z = zeros_zip(tmp_path / "many.zip", 40, 64 << 10)  # 2.5 MiB of zeros, each member under ratio_min_bytes
+    limits = ImportLimits(ratio_min_bytes=256 << 10)
+    with pytest.raises(DatasetError) as e:
+        ws.import_zip(z, limits=limits)
+    msg = str(e.value)
+    assert "many.zip" in msg
+    assert "2.5 MiB" in msg
+    assert "zip bombs" in msg
+    assert "Nothing from it was imported" in msg
+    assert all_files(ws.path) == {".workshop/state.json"}
+    with pytest.raises(DatasetError, match="would unpack to 2 MiB, more than the limit of 1 MiB"):
+        ws.import_zip(z, limits=ImportLimits(max_total_bytes=1 << 20, ratio_min_bytes=256 << 10, max_ratio=1e9))
+    assert all_files(ws.path) == {".workshop/state.json"}
+
+
+def test_zip_that_unpacks_past_its_declared_sizes_is_stopped_and_cleaned_up(ws, tmp_path, monkeypatch):
+    import lora_trainer.workshop.import_sources as sources
+
+    # Declared sizes that pass the check but lie: the bytes actually written are counted and stop the import.
+    monkeypatch.setattr(sources, "_check_zip_limits", lambda *a, **k: None)
+    z = make_zip(tmp_path / "liar.zip", {**{f"a{i}.png": png_bytes(i) for i in range(3)}, "a3.txt": b"cap"})
+    with zipfile.ZipFile(z, "a", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(40):
+            zf.writestr(f"z{i:02d}.bmp", b"\0" * (64 << 10))
+    with pytest.raises(DatasetError, match="unpack to more than they declare") as e:
+        ws.import_zip(z, limits=ImportLimits(max_total_bytes=1 << 20))
+    assert "liar.zip" in str(e.value)
+    assert "more than the limit of 1 MiB in all" in str(e.value)
+    with pytest.raises(DatasetError, match="times its own size"):
+        ws.import_zip(z, limits=ImportLimits(ratio_min_bytes=256 << 10, max_ratio=5))
+    assert all_files(ws.path) == {".workshop/state.json"}  # the images written before the stop are gone
+    assert not any(p.is_dir() for p in ws.path.iterdir() if p.name != ".workshop")
+
+
+def test_zip_members_read_twice_are_counted_once(ws, tmp_path):
+    z = make_zip(tmp_path / "again.zip", {f"{i}.png": png_bytes(i) for i in range(4)})
+    total = sum(i.file_size for i in zipfile.ZipFile(z).infolist())
+    limits = ImportLimits(max_total_bytes=total, ratio_min_bytes=0)
+    assert len(ws.import_zip(z, limits=limits).imported) == 4
+    report = ws.import_zip(z, limits=limits)  # compares every member with its copy: read, not written
+    assert report.imported == []

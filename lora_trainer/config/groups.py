@@ -478,7 +478,7 @@ class SaveConfig(CoercedGroup):
     overwrite: bool = setting(
         False,
         label="Overwrite an existing file",
-        help="Replace a file of the same name; off = stop with an error before training.",
+        help="Replace a file of the same name; off = keep it and save as the first free name (NAME_1 ...).",
     )
     save_precision: str = setting(
         "fp16",

@@ -21,11 +21,19 @@ first line is the caption (kohya's rule; read by
 :func:`lora_trainer.data.captions.read_caption_file`). An image without a caption file
 gets the folder's class tokens (``10_sks dog`` -> ``sks dog``), as kohya does, or "" in a
 flat folder; it is listed in the scan report either way.
+
+Links and special files: only regular files are read, so a FIFO, device or socket named like
+an image or caption is skipped (reported), never opened. A subset folder may itself be a link
+(to a dataset kept elsewhere), but inside a subset a link, to a file or a folder, is used only
+when it leads inside that subset folder or the dataset folder (real paths compared); others are
+skipped and reported. So a ``leak.txt -> /etc/passwd`` is never read as a caption, and nothing
+from outside the dataset reaches a LoRA's metadata (``ss_tag_frequency``).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +105,8 @@ class ScanReport:
     non_utf8_captions: caption files that were not UTF-8 (decoded with a fallback).
     multiline_captions: caption files with text after the first line (only the first line is used).
     other_files: count of files that are neither images nor captions.
+    skipped_files: (file, reason) for images and captions not read: special files (FIFOs,
+        devices, sockets) and links that lead outside the subset and dataset folders.
     """
 
     root: Path
@@ -111,6 +121,7 @@ class ScanReport:
     non_utf8_captions: list[Path] = field(default_factory=list)
     multiline_captions: list[Path] = field(default_factory=list)
     other_files: int = 0
+    skipped_files: list[tuple[Path, str]] = field(default_factory=list)
 
     def warnings(self) -> list[str]:
         """One human-readable line per kind of problem."""
@@ -127,6 +138,8 @@ class ScanReport:
                 f"{len(self.ignored_files)} image(s) directly in {self.root} are not used, because it has "
                 f"'<repeats>_<name>' subfolders; move them into one: {some(self.ignored_files)}"
             )
+        for path, reason in self.skipped_files:
+            out.append(f"Skipped {path}: {reason}")
         if self.hidden_files:
             out.append(f"Skipped {len(self.hidden_files)} hidden file(s)/folder(s): {some(self.hidden_files)}")
         if self.empty_files:
@@ -191,6 +204,20 @@ def _layout_help(root: Path) -> str:
     )
 
 
+def _is_inside(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def _special_kind(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+
+
 def _is_dir(entry: os.DirEntry) -> bool:
     try:
         return entry.is_dir()
@@ -249,11 +276,35 @@ class _SubsetWalk:
             self.report.skipped_folders.append((current, f"cannot be read ({e})"))
             return None
 
+    def _roots(self) -> tuple[str, str]:
+        """Where links inside the subset may lead: its folder and the dataset folder (real paths)."""
+        return os.path.realpath(self.folder), os.path.realpath(self.report.root)
+
+    def _outside_link(self, path: Path) -> bool:
+        return os.path.islink(path) and not _is_inside(os.path.realpath(path), self._roots())
+
+    def _file_problem(self, path: Path) -> str | None:
+        """Why the image or caption file ``path`` must not be read; None when it may."""
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            return f"it cannot be read ({e.strerror or e})"
+        kind = _special_kind(mode)
+        if kind is not None:
+            return f"it is {kind}, not a file; only regular files are read"
+        if self._outside_link(path):
+            return "it is a link to a file outside the dataset folder; copy the file into the folder instead"
+        return None
+
     def _add_subdir(self, entry: os.DirEntry, path: Path, subdirs: list[Path]) -> None:
         if entry.name == WORKSHOP_STATE_DIR:
             return
         if is_hidden_entry(entry):
             self.report.hidden_files.append(path)
+        elif self._outside_link(path):
+            self.report.skipped_folders.append(
+                (path, "it is a link to a folder outside the dataset folder; move or copy that folder in instead")
+            )
         else:
             subdirs.append(path)
 
@@ -265,6 +316,10 @@ class _SubsetWalk:
             return False
         if is_hidden_entry(entry):
             self.report.hidden_files.append(path)
+            return False
+        problem = self._file_problem(path)
+        if problem is not None:
+            self.report.skipped_files.append((path, problem))
             return False
         try:
             size = entry.stat().st_size
@@ -279,7 +334,10 @@ class _SubsetWalk:
         """The image's caption: its caption file's first line, else the class tokens (or "")."""
         for ext in self.caption_exts:
             if stem + ext in names:
-                return self._read_caption(current / (stem + ext))
+                problem = self._file_problem(current / (stem + ext))
+                if problem is None:
+                    return self._read_caption(current / (stem + ext))
+                self.report.skipped_files.append((current / (stem + ext), problem))
         self.report.missing_captions.append(image)
         if self.class_tokens:
             self.report.class_token_captions.append(image)

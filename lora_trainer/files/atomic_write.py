@@ -61,9 +61,16 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+def _temp_stem(stem: str, limit: int = 100) -> str:
+    """``stem`` cut to ``limit`` bytes for a temp name: names near the 255-byte limit of file
+    systems (long CJK names) must still get a temp file beside them."""
+    data = os.fsencode(stem)
+    return stem if len(data) <= limit else os.fsdecode(data[:limit].decode("utf-8", "ignore").encode("utf-8"))
+
+
 def write_temp(directory: Path, stem: str, chunks: Iterable[bytes | memoryview], durable: bool = True) -> Path:
     """Write ``chunks`` to a fresh hidden temp file in ``directory`` (fsync'ed if ``durable``); removed on failure."""
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{stem}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{_temp_stem(stem)}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         if hasattr(os, "fchmod"):  # POSIX: the mode a plain open() would have given the file

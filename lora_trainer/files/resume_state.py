@@ -31,6 +31,7 @@ __all__ = [
     "flatten_tensors",
     "load_state",
     "load_state_dict_and_json",
+    "load_state_info",
     "save_state",
     "save_state_dict_and_json",
     "unflatten_tensors",
@@ -299,12 +300,7 @@ def save_state_dict_and_json(
     return json_path
 
 
-def load_state_dict_and_json(
-    directory: str | os.PathLike, *, name: str = "state"
-) -> tuple[dict[str, torch.Tensor], Any]:
-    """Read what :func:`save_state_dict_and_json` wrote: ``(tensors, info)``; :class:`StateFileError` if unreadable."""
-    directory = Path(directory)
-    json_path = directory / f"{name}.json"
+def _read_document(json_path: Path) -> dict[str, Any]:
     if not json_path.is_file():
         raise StateFileError(f"{json_path}: no saved state here")
     try:
@@ -315,6 +311,22 @@ def load_state_dict_and_json(
         raise StateFileError(f"{json_path.name}: not a lora_trainer state file")
     if document.get("version") != _STATE_VERSION:
         raise StateFileError(f"{json_path.name}: state format version {document.get('version')!r} is not supported")
+    return document
+
+
+def load_state_info(directory: str | os.PathLike, *, name: str = "state") -> Any:
+    """The ``info`` :func:`save_state` stored (JSON only, its tensors unread); :class:`StateFileError` if unreadable."""
+    saved = _read_document(Path(directory) / f"{name}.json").get("info")
+    return saved.get("info") if isinstance(saved, dict) else None
+
+
+def load_state_dict_and_json(
+    directory: str | os.PathLike, *, name: str = "state"
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """Read what :func:`save_state_dict_and_json` wrote: ``(tensors, info)``; :class:`StateFileError` if unreadable."""
+    directory = Path(directory)
+    json_path = directory / f"{name}.json"
+    document = _read_document(json_path)
     tensor_file = document.get("tensors_file")
     if not isinstance(tensor_file, str) or Path(tensor_file).name != tensor_file:
         raise StateFileError(f"{json_path.name}: damaged state file (bad tensors_file entry)")

@@ -31,6 +31,7 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -459,6 +460,7 @@ class _Run:
             "version": __version__,
             "family": self.adapter.family,
             "config_hash": config_hash(self.cfg),
+            "settings": shaping_settings(self.cfg),
             "seed": self.seed,
             "step": self.step,
             "epoch": epoch,
@@ -512,12 +514,23 @@ def _derive(seed: int, *parts: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def config_hash(cfg: TrainConfig) -> str:
-    """Hash of the settings that shape the optimisation: not its length, seed, output or samples."""
+def _shaping(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
     data = cfg.to_dict()
     shaping = {group: data[group] for group in ("dataset", "network", "optim", "training")}
     shaping["training"] = {k: v for k, v in shaping["training"].items() if k not in _LENGTH_AND_SEED}
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()
+    return shaping
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """Hash of the settings that shape the optimisation: not its length, seed, output or samples."""
+    return hashlib.sha256(json.dumps(_shaping(cfg), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def shaping_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings :func:`config_hash` covers, by dotted name, as JSON gives them back (kept in a resume
+    state, so a resume with other settings can name the one that differs)."""
+    flat = {f"{group}.{key}": value for group, values in _shaping(cfg).items() for key, value in values.items()}
+    return json.loads(json.dumps(flat, default=str))
 
 
 _LENGTH_AND_SEED = ("max_train_epochs", "max_train_steps", "seed")

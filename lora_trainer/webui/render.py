@@ -109,6 +109,7 @@ def status_html(job: dict[str, Any] | None) -> str:
     html = [
         f'<div class="lora_train_status lora_train_state_{escape(state)}" data-state="{escape(state)}">',
         '<div class="lora_train_status_head">',
+        "" if state in ("queued", "running") else '<span class="lora_train_last">Last run:</span> ',
         f'<span class="lora_train_badge">{escape(state)}</span> ',
         f'<b>{escape(job["output_name"])}</b> · <span class="lora_train_phase">{escape(job["phase"] or "")}</span>',
         "</div>",

@@ -42,3 +42,10 @@ def register_settings() -> None:
     options.add_option(
         options.OPT_STEPS, "Default steps for training previews", gr.Slider, {"minimum": 1, "maximum": 150, "step": 1}
     )
+    options.add_option(
+        options.OPT_ANY_OUTPUT_DIR,
+        "Allow training runs to write LoRAs outside the Lora folder",
+        gr.Checkbox,
+        info="off = save.output_dir must be inside the Lora folder (the tab and the API); "
+        "on = any folder the WebUI can write, also for API clients",
+    )

@@ -10,8 +10,9 @@ Per image (decoded fully, so truncated files are caught):
   transparency (composited onto ``background``); palette, CMYK, greyscale, 1-bit and 16-bit
   images (16-bit scaled, not clipped); images with an EXIF orientation (rotated upright);
   files whose content does not match their extension. The old file is replaced.
-* Cannot be used (0 bytes, unreadable, damaged or truncated, above ``max_pixels``, Pillow's
-  decompression-bomb limit): moved with its caption to ``.workshop/quarantine/`` and reported.
+* Cannot be used (0 bytes, unreadable, damaged or truncated, above ``max_pixels``: by default
+  :data:`~lora_trainer.workshop.resources.WORKSHOP_MAX_PIXELS`, checked from the header before
+  decoding): moved with its caption to ``.workshop/quarantine/`` and reported.
   Never fatal.
 
 Captions are tidied at the same time: ``.caption`` files without a ``.txt`` become ``.txt``;
@@ -25,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +36,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from lora_trainer.data.captions import decode_caption_bytes
-from lora_trainer.data.images import DEFAULT_MAX_PIXELS, load_image_rgb
+from lora_trainer.data.images import load_image_rgb
 from lora_trainer.data.layout import CAPTION_EXTENSION, CAPTION_EXTENSIONS, is_hidden_name, is_workshop_image
 from lora_trainer.errors import DatasetError
 from lora_trainer.files.atomic_write import atomic_write_bytes
@@ -43,12 +45,14 @@ from lora_trainer.workshop.dedupe import Fingerprint, HashCache, fingerprint
 from lora_trainer.workshop.fsutil import atomic_write_text, caption_text, unique_stem
 from lora_trainer.workshop.layout import caption_path, concept_folders, iter_images, move_aside, rel_path
 from lora_trainer.workshop.report import Report
+from lora_trainer.workshop.resources import WORKSHOP_MAX_PIXELS, megapixels, worker_count
 
 __all__ = ["CleanReport", "CleanedFile", "clean_workspace", "needs_conversion", "probe"]
 
 PNG_COMPRESS_LEVEL = 1  # a working copy: ~15% larger than level 6, 2x faster than 4 and 5x than 6
 _ORIENTATION = 0x0112
 _KEEP = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg")}
+_BOMB_PIXELS_RE = re.compile(r"\((\d+) pixels\)")
 
 
 @dataclass
@@ -80,7 +84,7 @@ class CleanReport(Report):
         return f"{self.kept} image(s) fine, {self.converted} converted, {self.quarantined} moved to quarantine."
 
 
-def probe(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
+def probe(path: Path, max_pixels: int | None = WORKSHOP_MAX_PIXELS) -> dict:
     """Header facts of an image file without decoding its pixels: ``format``, ``mode``, ``size``
     (as stored), ``frames``, ``transparency``, ``orientation`` (EXIF, 1 = upright) and
     ``upright_size`` (the size once the orientation is applied). Raises :class:`DatasetError`
@@ -116,16 +120,24 @@ def probe(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:
             f"Cannot read {path.name} ({e.strerror}). Check the file's permissions.", "unreadable"
         ) from None
     except Image.DecompressionBombError as e:
-        raise DatasetError(f"{path.name} is too large to open safely ({e}). Scale it down.", "too_large") from None
+        found = _BOMB_PIXELS_RE.search(str(e))
+        size = megapixels(int(found.group(1))) if found else "larger than Pillow opens"
+        raise DatasetError(_too_large(path, size, max_pixels), "too_large") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{path.name} is not a readable image ({e}).", "corrupt") from None
     if max_pixels is not None and w * h > max_pixels:
-        raise DatasetError(
-            f"{path.name} is {w}x{h} = {w * h} pixels, above the limit of {max_pixels} (a decompression-bomb "
-            "guard). Scale it down with an image editor.",
-            "too_large",
-        )
+        raise DatasetError(_too_large(path, f"{w}x{h} ({megapixels(w * h)})", max_pixels), "too_large")
     return facts
+
+
+def _too_large(path: Path, size: str, max_pixels: int | None) -> str:
+    if max_pixels is None:  # our limit is off: Pillow's decompression-bomb guard refused it
+        return f"{path.name} is {size}, above what Pillow opens safely. Scale it down with an image editor."
+    return (
+        f"{path.name} is {size}, above the workshop's limit of {megapixels(max_pixels)} ({max_pixels} pixels), "
+        "which keeps the memory each worker needs to decode an image bounded (and guards against "
+        "decompression bombs). Scale it down with an image editor."
+    )
 
 
 def needs_conversion(path: Path, facts: dict) -> list[str]:
@@ -303,15 +315,16 @@ def clean_workspace(
     root: Path,
     *,
     background: tuple[int, int, int] = (255, 255, 255),
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = WORKSHOP_MAX_PIXELS,
     cache: HashCache | None = None,
     progress: Callable[[int, int], None] | None = None,
     workers: int | None = None,
 ) -> CleanReport:
     """Clean every image of the workspace at ``root`` in place; see the module doc.
 
-    ``workers`` threads decode and encode images (default: up to 4, one per CPU); files are
-    renamed and reports written in order by the calling thread.
+    ``workers`` threads decode and encode images (default: up to 4, one per CPU, and no more
+    than the available memory carries at ``max_pixels`` each: :func:`~lora_trainer.workshop.
+    resources.worker_count`); files are renamed and reports written in order by the calling thread.
     """
     root = Path(root)
     background = (int(background[0]), int(background[1]), int(background[2]))
@@ -338,7 +351,7 @@ def clean_workspace(
         _tidy_captions(root, folder, report)
 
     images = iter_images(root)
-    workers = max(1, int(workers if workers is not None else min(4, os.cpu_count() or 1)))
+    workers = worker_count(workers, max_pixels=max_pixels)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # Pillow releases the GIL while decoding/encoding
         chunk = 4 * workers  # bounds the encoded images held in memory
         for start in range(0, len(images), chunk):

@@ -6,7 +6,9 @@
   9x8 thumbnail and 64 from vertical ones on 8x9, compared by Hamming distance (how many bits
   differ). dHash alone calls any two images with no structure (two flat backgrounds) similar,
   so a pair also needs close colours: a 4x4 RGB thumbnail with a mean absolute difference of
-  at most ``color_tolerance`` (0-255 scale).
+  at most ``color_tolerance`` (0-255 scale). A near group is one representative (the largest
+  image) and the images near it, so groups never chain through images that are each near the
+  next but far from the first.
 
 Duplicates are flagged, not removed; ``remove_exact=True`` moves every exact copy but one (the
 first by path) to ``.workshop/removed/`` with its caption. Fingerprints are cached in
@@ -16,7 +18,6 @@ first by path) to ``.workshop/removed/`` with its caption. Fingerprints are cach
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lora_trainer.data.images import DEFAULT_MAX_PIXELS, load_image_rgb
+from lora_trainer.data.images import load_image_rgb
 from lora_trainer.errors import DatasetError
 from lora_trainer.files.hashes import file_sha256
 from lora_trainer.workshop.fsutil import atomic_write_json
 from lora_trainer.workshop.layout import caption_path, iter_images, move_aside, rel_path, state_dir
 from lora_trainer.workshop.report import Report
+from lora_trainer.workshop.resources import WORKSHOP_MAX_PIXELS, worker_count
 
 __all__ = [
     "DuplicateGroup",
@@ -153,7 +155,8 @@ class HashCache:
 @dataclass
 class DuplicateGroup:
     """Files that are the same image. kind: ``"exact"`` or ``"near"``. keep: the one we suggest
-    keeping (exact: the first by path; near: the largest in pixels). distance: the largest dHash
+    keeping (exact: the first by path; near: the largest in pixels, the group's representative:
+    every other member is near it, not only near some member). distance: the largest dHash
     distance (bits of 128) from ``keep`` to another member (0 for exact groups)."""
 
     kind: str
@@ -178,7 +181,7 @@ class DuplicateReport(Report):
         return {f for g in (*self.exact, *self.near) for f in g.files}
 
 
-def fingerprint_file(path: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Fingerprint:
+def fingerprint_file(path: Path, *, max_pixels: int | None = WORKSHOP_MAX_PIXELS) -> Fingerprint:
     """The fingerprint of an image file (a full decode). Raises :class:`DatasetError` for files
     that cannot be decoded, OSError for unreadable ones."""
     sha = file_sha256(path)
@@ -198,22 +201,6 @@ def _compute(path: Path, max_pixels: int | None) -> Fingerprint | str:
         return f"cannot read it ({e.strerror or e})"
     except Exception as e:  # noqa: BLE001 - Pillow's plugins raise assorted errors on hostile files
         return f"cannot decode it ({type(e).__name__}: {e})"
-
-
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
 
 
 def near_pairs(
@@ -251,7 +238,7 @@ def _fingerprints(
     errors: dict[Path, str] = {}
     missing = [p for p in paths if cache.get(p) is None]
     if missing:
-        n = max(1, int(workers if workers is not None else min(4, os.cpu_count() or 1)))
+        n = worker_count(workers, max_pixels=max_pixels)
         with ThreadPoolExecutor(max_workers=n) as pool:  # Pillow decodes without the GIL
             for path, res in zip(missing, pool.map(lambda p: _compute(p, max_pixels), missing), strict=True):
                 if isinstance(res, str):
@@ -273,28 +260,36 @@ def _fingerprints(
 def _near_groups(
     rels: list[str], fps: list[Fingerprint], reps: list[int], threshold: int, color_tolerance: float
 ) -> list[DuplicateGroup]:
-    """Near-duplicate groups among the distinct contents ``reps`` (indices into ``fps``), by first file."""
+    """Near-duplicate groups among the distinct contents ``reps`` (indices into ``fps``), by first file.
+
+    Groups never chain (a near b, b near c, but a far from c): the largest image not yet in a
+    group (fewest pixels last; by path among equals) becomes a group's representative and takes
+    every image near *it* that is not in a group yet, so each member is within ``threshold`` of
+    the one we suggest keeping.
+    """
     pairs = near_pairs(
         [int(fps[i].dhash, 16) for i in reps],
         [bytes.fromhex(fps[i].color) for i in reps],
         threshold,
         color_tolerance,
     )
-    uf = _UnionFind(len(reps))
-    for a, b, _ in pairs:
-        uf.union(a, b)
-    groups: dict[int, list[int]] = {}
-    for k in range(len(reps)):
-        groups.setdefault(uf.find(k), []).append(k)
+    near: dict[int, dict[int, int]] = {}
+    for a, b, d in pairs:
+        near.setdefault(a, {})[b] = d
+        near.setdefault(b, {})[a] = d
+    order = sorted(near, key=lambda k: (-fps[reps[k]].width * fps[reps[k]].height, reps[k]))
+    taken: set[int] = set()
     out = []
-    for members in groups.values():
-        if len(members) < 2:
+    for k in order:
+        if k in taken:
             continue
-        files = [reps[k] for k in members]
-        keep = max(files, key=lambda i: (fps[i].width * fps[i].height, -i))
-        kh = int(fps[keep].dhash, 16)
-        dist = max(hamming(kh, int(fps[i].dhash, 16)) for i in files)
-        out.append(DuplicateGroup("near", [rels[i] for i in sorted(files)], rels[keep], dist))
+        members = [j for j in near[k] if j not in taken]
+        if not members:
+            continue
+        taken.update(members, (k,))
+        files = [reps[j] for j in (k, *members)]
+        dist = max(near[k][j] for j in members)
+        out.append(DuplicateGroup("near", [rels[i] for i in sorted(files)], rels[reps[k]], dist))
     out.sort(key=lambda g: g.files[0])
     return out
 
@@ -332,7 +327,7 @@ def find_duplicates(
     threshold: int = DEFAULT_THRESHOLD,
     color_tolerance: float = DEFAULT_COLOR_TOLERANCE,
     remove_exact: bool = False,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = WORKSHOP_MAX_PIXELS,
     cache: HashCache | None = None,
     workers: int | None = None,
 ) -> DuplicateReport:

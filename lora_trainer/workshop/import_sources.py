@@ -3,7 +3,9 @@
 Sources are only ever read. Zip members and upload names with unsafe paths (``../x``, absolute
 paths, drive letters, NUL), symbolic links and encrypted members are rejected and reported;
 a zip over :class:`ImportLimits` (members, total size, compression ratio: zip bombs) is refused
-as a whole with a :class:`~lora_trainer.errors.DatasetError` before anything is read from it.
+as a whole with a :class:`~lora_trainer.errors.DatasetError` before anything is read from it;
+the bytes members actually unpack to are counted too (declared sizes can lie), and reading stops
+with the same error once they pass those limits.
 Copies go through a hidden temporary file and stop at a byte limit. What the entries become in
 a workspace is :mod:`lora_trainer.workshop.importer`'s business.
 """
@@ -11,6 +13,7 @@ a workspace is :mod:`lora_trainer.workshop.importer`'s business.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import re
@@ -34,6 +37,7 @@ __all__ = [
     "folder_entries",
     "is_inside",
     "member_problem",
+    "open_regular",
     "read_limited",
     "same_content",
     "source_parts",
@@ -53,9 +57,14 @@ class ImportLimits:
     max_file_bytes: largest single file (uncompressed) imported; bigger files are skipped.
     max_members / max_total_bytes: a zip with more members, or more uncompressed bytes in all,
         is refused as a whole.
-    max_ratio: a zip member that expands more than this many times (and to more than
-        ``ratio_min_bytes``) makes the zip refused: the signature of a zip bomb. Images are
-        already compressed (ratio near 1); only flat uncompressed files (BMP) come near it.
+    max_ratio: a zip member, or the whole zip (all its members together, against the zip's
+        size), that expands more than this many times (and to more than ``ratio_min_bytes``)
+        makes the zip refused: the signature of a zip bomb. Images are already compressed
+        (ratio near 1); only flat uncompressed files (BMP) come near it.
+
+    Both the sizes a zip declares (checked before anything is written) and the bytes actually
+    unpacked (counted while writing: declared sizes can lie) are held to ``max_total_bytes`` and
+    ``max_ratio``.
     """
 
     max_file_bytes: int = 256 * MiB
@@ -116,6 +125,28 @@ def _is_dir_and_link(entry: os.DirEntry) -> tuple[bool, bool]:
         return False, False
 
 
+def open_regular(path: str | os.PathLike, follow_links: bool = False) -> IO[bytes]:
+    """``path`` opened for reading when it is a regular file; :class:`OSError` otherwise.
+
+    A link is not followed unless ``follow_links`` (``O_NOFOLLOW``, so a link swapped in after
+    the folder was listed is refused too); a FIFO, device or socket is refused without waiting
+    on it (``O_NONBLOCK``; the type is checked on the opened file itself).
+    """
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
+    if not follow_links:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _scan_folder(folder: Path, report: ImportNotes) -> list[os.DirEntry] | None:
     try:
         return sorted(os.scandir(folder), key=lambda e: e.name)
@@ -135,21 +166,80 @@ def _folder_subdir(path: Path, is_link: bool, excluded: set[str], report: Import
     return False
 
 
-def _file_entry(entry: os.DirEntry, path: Path, rel: tuple[str, ...], report: ImportNotes) -> SourceEntry | None:
-    try:
-        size = entry.stat().st_size
-    except OSError as e:
-        report.add("unreadable", path, f"Cannot read {path} ({e.strerror or e}); it was skipped.", "error")
-        report.skipped += 1
+def _special_kind(mode: int) -> str | None:
+    """What a file that is not a regular file is, in words; None for a regular file."""
+    if stat.S_ISREG(mode):
         return None
-    return SourceEntry((*rel, entry.name), str(path), size, functools.partial(open, path, "rb"))
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
 
 
-def folder_entries(src: Path, report: ImportNotes, exclude: Sequence[Path]) -> list[SourceEntry]:
-    """Every file under ``src`` (depth-first, in name order), leaving out hidden entries, links to
-    folders and the ``exclude`` folders (all reported)."""
+@dataclass
+class _FolderWalk:
+    """What :func:`folder_entries` checks for each file: regular files only; links only with
+    ``follow_links`` and then only to regular files inside ``root``."""
+
+    root: Path
+    report: ImportNotes
+    follow_links: bool
+
+    def _skip(self, code: str, path: Path, message: str, severity: str = "warning") -> None:
+        self.report.add(code, path, message, severity)
+        self.report.skipped += 1
+
+    def _link_target(self, path: Path) -> os.stat_result | None:
+        """The stat of the regular file inside ``root`` that the link ``path`` leads to; None (reported) otherwise."""
+        if not self.follow_links:
+            self._skip(
+                "symlink",
+                path,
+                f"Skipped {path}: it is a link (links are not followed; copy the file itself into the folder, "
+                "or turn on following links for links to files inside the imported folder).",
+            )
+            return None
+        if not is_inside(path, self.root):
+            self._skip("symlink_outside", path, f"Skipped {path}: it is a link to a file outside {self.root}.")
+            return None
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            self._skip("unreadable", path, f"Skipped {path}: a broken link ({e.strerror or e}).")
+            return None
+        return st
+
+    def entry(self, entry: os.DirEntry, path: Path, rel: tuple[str, ...]) -> SourceEntry | None:
+        """The file ``entry`` as a source entry; None (reported) for links and special files not taken."""
+        try:
+            st = entry.stat(follow_symlinks=False)
+            link_st = self._link_target(path) if stat.S_ISLNK(st.st_mode) else st
+        except OSError as e:
+            self._skip("unreadable", path, f"Cannot read {path} ({e.strerror or e}); it was skipped.", "error")
+            return None
+        if link_st is None:
+            return None
+        kind = _special_kind(link_st.st_mode)
+        if kind is not None:
+            self._skip("special_file", path, f"Skipped {path}: it is {kind}, not a file; only regular files are read.")
+            return None
+        opener = functools.partial(open_regular, path, stat.S_ISLNK(st.st_mode))
+        return SourceEntry((*rel, entry.name), str(path), link_st.st_size, opener)
+
+
+def folder_entries(
+    src: Path, report: ImportNotes, exclude: Sequence[Path], *, follow_links: bool = False
+) -> list[SourceEntry]:
+    """Every regular file under ``src`` (depth-first, in name order), leaving out hidden entries,
+    links to folders, FIFOs, devices and sockets, and the ``exclude`` folders (all reported).
+    Links to files are left out (reported) unless ``follow_links``, and then taken only when
+    they lead to a regular file inside ``src``: nothing from outside the source gets in."""
     out: list[SourceEntry] = []
     excluded = {os.path.realpath(p) for p in exclude}
+    walk = _FolderWalk(src, report, follow_links)
     stack: list[tuple[Path, tuple[str, ...]]] = [(src, ())]
     while stack:
         folder, rel = stack.pop()
@@ -167,7 +257,7 @@ def folder_entries(src: Path, report: ImportNotes, exclude: Sequence[Path]) -> l
                 if _folder_subdir(path, is_link, excluded, report):
                     subdirs.append((path, (*rel, entry.name)))
             else:
-                found = _file_entry(entry, path, rel, report)
+                found = walk.entry(entry, path, rel)
                 if found is not None:
                     out.append(found)
         stack.extend(reversed(subdirs))
@@ -197,8 +287,37 @@ def member_problem(info: zipfile.ZipInfo) -> tuple[str, str] | None:
     return None
 
 
-def _check_zip_limits(infos: list[zipfile.ZipInfo], label: str, limits: ImportLimits) -> None:
-    """Refuse the whole zip (:class:`DatasetError`) when it is over ``limits``."""
+def _expansion_cap(archive_bytes: int, limits: ImportLimits) -> int:
+    """The most bytes a zip of ``archive_bytes`` may unpack to in all."""
+    return min(limits.max_total_bytes, max(limits.ratio_min_bytes, int(limits.max_ratio * max(archive_bytes, 1))))
+
+
+def _archive_size(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> int:
+    """The zip file's size on disk (its declared compressed sizes when that cannot be read)."""
+    try:
+        fp = zf.fp
+        if fp is not None:
+            return os.fstat(fp.fileno()).st_size
+    except (AttributeError, OSError, ValueError):
+        pass
+    return sum(i.compress_size for i in infos)
+
+
+def _refuse_expansion(label: str, total: int, archive_bytes: int, limits: ImportLimits, what: str) -> DatasetError:
+    ratio = total / max(archive_bytes, 1)
+    if total > limits.max_total_bytes:
+        why = f"more than the limit of {limits.max_total_bytes / MiB:.0f} MiB in all"
+    else:
+        why = f"{ratio:.0f} times its own size (limit {limits.max_ratio:.0f}); that is how zip bombs look"
+    return DatasetError(
+        f"Refused {label}: {what} {total / MiB:.1f} MiB from a {archive_bytes / MiB:.1f} MiB zip, {why}. "
+        "Nothing from it was imported. If its files are real, unpack the zip yourself and import the folder, "
+        "or split it into smaller zips."
+    )
+
+
+def _check_zip_limits(infos: list[zipfile.ZipInfo], label: str, limits: ImportLimits, archive_bytes: int) -> None:
+    """Refuse the whole zip (:class:`DatasetError`) when its declared sizes are over ``limits``."""
     if len(infos) > limits.max_members:
         raise DatasetError(
             f"Refused {label}: it has {len(infos)} entries, more than the limit of {limits.max_members}. "
@@ -217,14 +336,67 @@ def _check_zip_limits(infos: list[zipfile.ZipInfo], label: str, limits: ImportLi
                 f"({i.file_size / max(i.compress_size, 1):.0f} times, limit {limits.max_ratio:.0f}); that is how "
                 "zip bombs look. If it is a real file, unpack the zip yourself and import the folder."
             )
+    if total > _expansion_cap(archive_bytes, limits):  # many members, each small enough on its own
+        raise _refuse_expansion(label, total, archive_bytes, limits, "its members would unpack to")
+
+
+class _ArchiveBudget:
+    """Counts the bytes actually unpacked from one zip (each member's bytes once, however often it
+    is read); :class:`DatasetError` past the zip's cap."""
+
+    def __init__(self, label: str, archive_bytes: int, limits: ImportLimits):
+        self.label, self.archive_bytes, self.limits = label, archive_bytes, limits
+        self.cap = _expansion_cap(archive_bytes, limits)
+        self.used = 0
+        self.seen: dict[int, int] = {}
+
+    def reached(self, member: int, pos: int) -> None:
+        """Member number ``member`` has been read up to byte ``pos``."""
+        before = self.seen.get(member, 0)
+        if pos <= before:
+            return
+        self.seen[member] = pos
+        self.used += pos - before
+        if self.used > self.cap:
+            raise _refuse_expansion(
+                self.label,
+                self.used,
+                self.archive_bytes,
+                self.limits,
+                "its members unpack to more than they declare, at least",
+            )
+
+
+class _CountedReader:
+    """A zip member's stream whose reads are charged to the archive's :class:`_ArchiveBudget`."""
+
+    def __init__(self, raw: IO[bytes], budget: _ArchiveBudget, member: int):
+        self.raw, self.budget, self.member, self.pos = raw, budget, member, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.pos += len(data)
+        self.budget.reached(self.member, self.pos)
+        return data
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def __enter__(self) -> _CountedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def zip_entries(zf: zipfile.ZipFile, label: str, limits: ImportLimits, report: ImportNotes) -> list[SourceEntry]:
     """The zip's file members as entries; unsafe members are rejected and reported."""
     infos = zf.infolist()
-    _check_zip_limits(infos, label, limits)
+    archive_bytes = _archive_size(zf, infos)
+    _check_zip_limits(infos, label, limits, archive_bytes)
+    budget = _ArchiveBudget(label, archive_bytes, limits)
     out: list[SourceEntry] = []
-    for info in infos:
+    for number, info in enumerate(infos):
         if info.is_dir():
             continue
         where = f"{label}:{info.filename}"
@@ -239,8 +411,17 @@ def zip_entries(zf: zipfile.ZipFile, label: str, limits: ImportLimits, report: I
         parts = source_parts(info.filename)
         if not parts:
             continue
-        out.append(SourceEntry(parts, where, info.file_size, lambda i=info: zf.open(i, "r")))
+        out.append(SourceEntry(parts, where, info.file_size, _member_opener(zf, info, budget, number)))
     return out
+
+
+def _member_opener(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _ArchiveBudget, number: int
+) -> Callable[[], IO[bytes]]:
+    def opener() -> IO[bytes]:
+        return _CountedReader(zf.open(info, "r"), budget, number)  # type: ignore[return-value]
+
+    return opener
 
 
 def upload_entry(path: Path, name: str, parts: tuple[str, ...], report: ImportNotes) -> SourceEntry | None:
@@ -251,7 +432,7 @@ def upload_entry(path: Path, name: str, parts: tuple[str, ...], report: ImportNo
         report.add("unreadable", name, f"Cannot read upload {name} ({e.strerror or e}); it was skipped.", "error")
         report.skipped += 1
         return None
-    return SourceEntry(parts, name, size, functools.partial(open, path, "rb"))
+    return SourceEntry(parts, name, size, functools.partial(open_regular, path, True))
 
 
 # -- reading and copying ---------------------------------------------------------------------------

@@ -12,10 +12,13 @@ caption in ``<name>.txt`` beside it:
 * A caption is the source's ``<stem>.txt`` in the image's folder, or else ``<stem>.caption``
   (converted to ``.txt`` and reported: training reads only ``.txt``). Non-UTF-8 captions are
   decoded with a fallback and written as UTF-8; multi-line captions are joined into one line.
+* Names that are not valid UTF-8 or longer than :data:`~lora_trainer.workshop.fsutil.MAX_STEM_BYTES`
+  bytes get a safe name (reported as ``renamed``, saying why).
 * Name collisions (``a.png`` and ``a.jpg`` share the caption ``a.txt``; ``x/a.png`` and
   ``y/a.png`` flatten to one name) get unique names (``a_2.jpg``) and a report line.
 * Skipped and reported: hidden files and folders (``.*``, ``__MACOSX``, ``Thumbs.db``),
-  0-byte files, files that are neither images nor captions, unreadable files, files above
+  links (unless the import follows links, and then only to regular files inside the imported
+  folder), FIFOs, devices and sockets (only regular files are opened), 0-byte files, files that are neither images nor captions, unreadable files, files above
   :attr:`ImportLimits.max_file_bytes`.
 * Zips: members with unsafe names (``../x``, absolute paths, drive letters, symlinks) are
   rejected and reported and nothing is ever written outside the workspace; an archive over
@@ -47,7 +50,7 @@ from lora_trainer.data.layout import (
     parse_subset_folder,
 )
 from lora_trainer.errors import DatasetError
-from lora_trainer.workshop.fsutil import atomic_write_text, caption_text, safe_name, unique_stem
+from lora_trainer.workshop.fsutil import atomic_write_text, caption_text, rename_reason, safe_name, unique_stem
 from lora_trainer.workshop.import_sources import (
     ImportLimits,
     MiB,
@@ -100,7 +103,7 @@ class ImportedFile:
 class ImportReport(Report):
     """What an import did. ``imported`` lists the new images; ``concept_folders`` counts them per
     ``<repeats>_<concept>`` folder; ``problems`` has one line per skipped, renamed or converted file
-    (codes: hidden, empty, not_image, unreadable, too_large, renamed, already_present,
+    (codes: hidden, symlink, symlink_outside, symlink_folder, special_file, empty, not_image, unreadable, too_large, renamed, already_present,
     caption_converted, caption_reencoded, caption_multiline, caption_conflict, caption_shared,
     orphan_caption, zip_slip, zip_symlink, zip_encrypted, corrupt_member)."""
 
@@ -233,6 +236,19 @@ class _ImportRun:
             with contextlib.suppress(OSError):
                 folder.rmdir()
 
+    def undo(self) -> None:
+        """Remove what this run wrote (after it stopped half-way: a zip that unpacks past its limits)."""
+        for f in self.report.imported:
+            path = self.workspace / f.path
+            for p in (path, path.with_suffix(CAPTION_EXTENSION)):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        self.report.imported.clear()
+        self.report.concept_folders.clear()
+        for folder in reversed(self.created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
     # -- sorting the entries
 
     def _skip(self, code: str, e: SourceEntry, message: str, severity: str = "warning") -> None:
@@ -319,7 +335,7 @@ class _ImportRun:
         index.add(dest.name)
         rel = f"{folder_name}/{dest.name}"
         if new_stem != e.stem:
-            why = "to avoid a name collision" if new_stem != stem else "to make the name safe on every system"
+            why = "to avoid a name collision" if new_stem != stem else rename_reason(e.stem)
             self.report.add("renamed", e.display, f"{e.display} was saved as {rel} {why}.", "info")
         if text is not None:
             atomic_write_text(dest.with_suffix(CAPTION_EXTENSION), text)
@@ -427,8 +443,11 @@ def import_folder(
     repeats: int | None = None,
     limits: ImportLimits = ImportLimits(),
     exclude: Sequence[Path] = (),
+    follow_links: bool = False,
 ) -> ImportReport:
     """Copy the images and captions under ``src`` (recursively) into ``workspace``; see the module doc.
+    Links to files are skipped (reported) unless ``follow_links``, and then followed only to
+    regular files inside ``src``.
 
     Raises :class:`DatasetError` when ``src`` is not a readable folder, lies inside the workspace,
     or holds no importable image (nothing is written then).
@@ -441,7 +460,7 @@ def import_folder(
     if is_inside(src, workspace):
         raise DatasetError(f"Cannot import {src}: it is inside the workspace {workspace}. Pick a folder outside it.")
     report = ImportReport(source=str(src))
-    entries = folder_entries(src, report, [workspace, *exclude])
+    entries = folder_entries(src, report, [workspace, *exclude], follow_links=follow_links)
     root_name = src.resolve().name
     _ImportRun(
         workspace,
@@ -481,14 +500,19 @@ def import_zip(
         raise DatasetError(f"Cannot import {label}: it is not a readable zip file ({e}). Re-create the zip.") from None
     with zf:
         entries = zip_entries(zf, label, limits, report)
-        _ImportRun(
+        run = _ImportRun(
             workspace,
             root_name=stem,
             default_concept=concept or _name_concept(stem),
             default_repeats=repeats or 1,
             limits=limits,
             report=report,
-        ).run(entries)
+        )
+        try:
+            run.run(entries)
+        except DatasetError:  # it unpacked past the limits while being written: keep nothing of it
+            run.undo()
+            raise
     return _check_imported(report, f"zip {label}")
 
 

@@ -17,6 +17,11 @@
 Nothing is ever deleted for good: files the workshop takes out of the dataset are moved under
 ``.workshop/`` with their captions.
 
+A concept folder, subfolder or image whose name is not valid UTF-8 (put into the workspace by
+hand; imports never write one) is renamed to a safe name, with its captions, the first time the
+workshop lists it (logged as a warning): such names cannot be written to the workshop's JSON
+files, logs or web pages, so every later step would fail on them.
+
 Which folders are concept folders, which files are images and captions, what is hidden and the
 name of ``.workshop/`` are the dataset rules of :mod:`lora_trainer.data.layout`, the ones training
 applies; this module only says where the workshop keeps things.
@@ -29,6 +34,7 @@ from pathlib import Path, PurePosixPath
 
 from lora_trainer.data.layout import (
     CAPTION_EXTENSION,
+    CAPTION_EXTENSIONS,
     WORKSHOP_STATE_DIR,
     is_hidden_entry,
     is_hidden_name,
@@ -36,7 +42,8 @@ from lora_trainer.data.layout import (
     parse_subset_folder,
 )
 from lora_trainer.errors import DatasetError
-from lora_trainer.workshop.fsutil import safe_name, unique_stem
+from lora_trainer.log import logger
+from lora_trainer.workshop.fsutil import is_undecodable, safe_name, unique_stem
 
 __all__ = [
     "caption_path",
@@ -72,13 +79,47 @@ def concept_folder_name(repeats: int, concept: str) -> str:
     return f"{whole_repeats(repeats)}_{safe_name(concept, 'images')}"
 
 
+def _decodable(path: Path) -> Path:
+    """``path``, renamed first (with its captions) when its name is not valid UTF-8 (see the module doc)."""
+    if not is_undecodable(path.name):
+        return path
+    stem, ext = os.path.splitext(path.name)
+    ext = ext if not is_undecodable(ext) else ""
+    taken = {os.path.splitext(n)[0].lower() for n in os.listdir(path.parent) if not is_undecodable(n)}
+    new = path.with_name(unique_stem(safe_name(stem, "renamed"), taken) + ext)
+    try:
+        os.rename(path, new)
+        if not path.is_dir() and ext:
+            for cap_ext in CAPTION_EXTENSIONS:
+                cap = path.with_name(stem + cap_ext)
+                if cap.is_file():
+                    os.rename(cap, new.with_suffix(cap_ext))
+    except OSError as e:
+        logger.warning("Could not rename %s (a name that is not valid UTF-8): %s", ascii(str(path)), e.strerror or e)
+        return path
+    logger.warning("Renamed %s to %s: its name was not valid UTF-8.", ascii(str(path)), new)
+    return new
+
+
+def _sorted_entries(folder: Path) -> list[os.DirEntry]:
+    """The entries of ``folder`` by name, with names that are not valid UTF-8 fixed first."""
+    entries = list(os.scandir(folder))
+    if any(is_undecodable(e.name) for e in entries):
+        # images before captions: an image takes its captions along
+        for e in sorted(entries, key=lambda e: os.path.splitext(e.name)[1].lower() in CAPTION_EXTENSIONS):
+            if is_undecodable(e.name) and not is_hidden_entry(e) and os.path.lexists(e.path):
+                _decodable(Path(e.path))
+        entries = list(os.scandir(folder))
+    return sorted(entries, key=lambda e: e.name)
+
+
 def concept_folders(root: Path) -> list[tuple[Path, int, str]]:
     """(folder, repeats, concept) of the workspace's concept folders, by name: the folders
     training uses as subsets (:func:`lora_trainer.data.layout.parse_subset_folder`)."""
     out = []
     if not root.is_dir():
         return out
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+    for entry in _sorted_entries(root):
         if is_hidden_entry(entry) or not entry.is_dir():
             continue
         parsed = parse_subset_folder(entry.name)
@@ -88,14 +129,15 @@ def concept_folders(root: Path) -> list[tuple[Path, int, str]]:
 
 
 def iter_images(root: Path) -> list[Path]:
-    """Every image in the concept folders (subfolders included, hidden ones skipped), sorted."""
+    """Every image in the concept folders (subfolders included, hidden ones skipped), sorted.
+    Only files are listed: a FIFO or device with an image's name is left alone."""
     out: list[Path] = []
     for folder, _, _ in concept_folders(root):
         stack = [folder]
         while stack:
             current = stack.pop()
             try:
-                entries = sorted(os.scandir(current), key=lambda e: e.name)
+                entries = _sorted_entries(current)
             except OSError:
                 continue
             for entry in entries:
@@ -103,7 +145,7 @@ def iter_images(root: Path) -> list[Path]:
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(Path(entry.path))
-                elif is_workshop_image(entry.name):
+                elif is_workshop_image(entry.name) and entry.is_file():  # no FIFO or device
                     out.append(Path(entry.path))
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from lora_trainer.data.buckets import BucketSettings, cover_size, plan_buckets
-from lora_trainer.data.images import DEFAULT_MAX_PIXELS, load_image_rgb
+from lora_trainer.data.images import load_image_rgb
 from lora_trainer.data.layout import is_workshop_image
 from lora_trainer.errors import ConfigError, DatasetError
 from lora_trainer.files.atomic_write import atomic_write_bytes
@@ -43,6 +43,7 @@ from lora_trainer.workshop.layout import (
     state_dir,
 )
 from lora_trainer.workshop.report import Report
+from lora_trainer.workshop.resources import WORKSHOP_MAX_PIXELS
 
 __all__ = [
     "CROP_MODES",
@@ -92,7 +93,7 @@ def bucket_report(
     root: Path,
     settings: BucketSettings,
     *,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = WORKSHOP_MAX_PIXELS,
 ) -> BucketPlanReport:
     """How training would bucket the workspace's images with ``settings``. Sizes come from the
     fingerprint cache or the file headers (EXIF rotation counted); nothing is decoded."""
@@ -292,7 +293,7 @@ def resize_fixed(
     points: Mapping[str, tuple[float, float]] | None = None,
     upscale: bool = True,
     background: tuple[int, int, int] = (255, 255, 255),
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = WORKSHOP_MAX_PIXELS,
     progress: Callable[[int, int], None] | None = None,
 ) -> ResizeReport:
     """Resize every image of the workspace to ``width`` x ``height`` (see the module doc).

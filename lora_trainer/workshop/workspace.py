@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_trainer.data.buckets import BucketSettings
-from lora_trainer.data.images import DEFAULT_MAX_PIXELS
 from lora_trainer.data.layout import WORKSHOP_STATE_DIR, is_workshop_image, parse_subset_folder
 from lora_trainer.errors import ConfigError, DatasetError
 from lora_trainer.workshop import advisor, importer, sizing
@@ -55,6 +54,7 @@ from lora_trainer.workshop.layout import (
     whole_repeats,
 )
 from lora_trainer.workshop.report import Report
+from lora_trainer.workshop.resources import WORKSHOP_MAX_PIXELS
 from lora_trainer.workshop.store import UndoReport, undo_info, undo_last
 
 __all__ = ["ConceptInfo", "Workspace", "WorkspaceSummary"]
@@ -238,11 +238,15 @@ class Workspace:
         repeats: int | None = None,
         *,
         limits: ImportLimits = ImportLimits(),
+        follow_links: bool = False,
     ) -> ImportReport:
         """Copy the images (and ``.txt``/``.caption`` captions) under ``src``, recursively.
         ``<N>_<name>`` folders set concept and repeats; ``concept``/``repeats`` apply to the rest
-        (default: the folder's name, 1 repeat). See :mod:`lora_trainer.workshop.importer`."""
-        r = importer.import_folder(self.path, src, concept=concept, repeats=repeats, limits=limits)
+        (default: the folder's name, 1 repeat). Links are skipped unless ``follow_links`` (then
+        only to files inside ``src``). See :mod:`lora_trainer.workshop.importer`."""
+        r = importer.import_folder(
+            self.path, src, concept=concept, repeats=repeats, limits=limits, follow_links=follow_links
+        )
         self._record_import(r)
         return r
 
@@ -296,7 +300,7 @@ class Workspace:
         self,
         background: tuple[int, int, int] = (255, 255, 255),
         *,
-        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_pixels: int | None = WORKSHOP_MAX_PIXELS,
         progress: Callable[[int, int], None] | None = None,
     ) -> CleanReport:
         """Convert every image to an upright 8-bit RGB PNG/JPEG (transparency onto ``background``),

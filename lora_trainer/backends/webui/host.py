@@ -149,6 +149,10 @@ class WebUIHost:
         """The WebUI's Lora folder (``--lora-dir``), plus the subfolder setting."""
         return options.lora_dir()
 
+    def allowed_output_roots(self) -> list[Path] | None:
+        """The Lora folder; None (anywhere) when the "allow any output folder" setting is on."""
+        return options.allowed_output_roots()
+
     @property
     def work_dir(self) -> Path:
         """The folder given to the host, else the WebUI's (``<data dir>/lora_train``)."""

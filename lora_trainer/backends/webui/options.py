@@ -18,6 +18,7 @@ from lora_trainer.credentials import parse_credentials
 from lora_trainer.log import warning_once
 
 __all__ = [
+    "OPT_ANY_OUTPUT_DIR",
     "OPT_PRESET",
     "OPT_SAMPLER",
     "OPT_STEPS",
@@ -25,6 +26,7 @@ __all__ = [
     "SETTINGS",
     "SETTINGS_SECTION",
     "add_option",
+    "allowed_output_roots",
     "api_auth",
     "api_enabled",
     "default_work_dir",
@@ -40,7 +42,8 @@ OPT_SUBFOLDER = "lora_train_output_subfolder"
 OPT_PRESET = "lora_train_default_preset"
 OPT_SAMPLER = "lora_train_sample_sampler"
 OPT_STEPS = "lora_train_sample_steps"
-SETTINGS = {OPT_SUBFOLDER: "", OPT_PRESET: "", OPT_SAMPLER: "Euler a", OPT_STEPS: 20}
+OPT_ANY_OUTPUT_DIR = "lora_train_allow_any_output_dir"
+SETTINGS = {OPT_SUBFOLDER: "", OPT_PRESET: "", OPT_SAMPLER: "Euler a", OPT_STEPS: 20, OPT_ANY_OUTPUT_DIR: False}
 """Our settings and their defaults."""
 
 
@@ -96,15 +99,26 @@ def _clean_subfolder(value: Any) -> str:
     return "/".join(parts)
 
 
-def lora_dir() -> Path:
-    """The WebUI's Lora folder (``--lora-dir``), plus our output subfolder setting."""
+def _lora_root() -> Path:
+    """The WebUI's Lora folder itself (``--lora-dir``, else ``<models dir>/Lora``)."""
     cmd_opts = shared.cmd_opts
     base = getattr(cmd_opts, "lora_dir", None)  # defined by the Lora extension's preload.py
     if not base:
         base = Path(getattr(cmd_opts, "models_dir", None) or _data_dir() / "models") / "Lora"
-    base = Path(base)
+    return Path(base)
+
+
+def lora_dir() -> Path:
+    """The WebUI's Lora folder (``--lora-dir``), plus our output subfolder setting."""
+    base = _lora_root()
     sub = _clean_subfolder(setting(OPT_SUBFOLDER))
     return base / sub if sub else base
+
+
+def allowed_output_roots() -> list[Path] | None:
+    """The folders a run may write its LoRA under: the Lora folder; None (anywhere) only when the
+    "allow any output folder" setting is on. A request field alone never widens this."""
+    return None if setting(OPT_ANY_OUTPUT_DIR) is True else [_lora_root()]
 
 
 def api_enabled() -> bool:
