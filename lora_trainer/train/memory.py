@@ -367,9 +367,6 @@ class Settings:
 def settings_from_config(cfg: TrainConfig, *, attention: str = "sdp", placement: str = "") -> Settings:
     ds, net, tr = cfg.dataset, cfg.network, cfg.training
     width, height = ds.resolution_wh
-    cache_te = bool(
-        getattr(tr, "cache_text_encoder_outputs", False) or getattr(ds, "cache_text_encoder_outputs", False)
-    )
     return Settings(
         width=width,
         height=height,
@@ -382,7 +379,7 @@ def settings_from_config(cfg: TrainConfig, *, attention: str = "sdp", placement:
         mixed_precision=tr.mixed_precision,
         gradient_checkpointing=tr.gradient_checkpointing,
         cache_latents=ds.cache_latents,
-        cache_text_encoder_outputs=cache_te,
+        cache_text_encoder_outputs=ds.cache_text_encoder_outputs,
         max_token_length=ds.max_token_length,
         attention=attention,
         placement=placement,
