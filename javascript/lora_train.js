@@ -50,20 +50,37 @@
         if (first) first.click();
     }
 
-    // Make the txt2img Lora cards list new files: the hidden refresh button (WebUI 1.7+),
-    // else the older visible one.
-    function refreshLoraCards() {
-        const internal = byId("txt2img_lora_extra_refresh_internal");
+    // Make a tab's Lora cards list new files (tabname: txt2img or img2img): the hidden refresh
+    // button of the WebUI's extra-networks Lora page (WebUI 1.7+), else the older visible one.
+    function refreshLoraCards(tabname) {
+        const tab = tabname || "txt2img";
+        const internal = byId(tab + "_lora_extra_refresh_internal");
         if (internal) {
             internal.dispatchEvent(new Event("click"));
             return true;
         }
-        const old = byId("txt2img_extra_refresh");
+        const old = byId(tab + "_extra_refresh");
         if (old) {
             old.click();
             return true;
         }
         return false;
+    }
+
+    // When a run this page saw running ends with a file, refresh the txt2img and img2img Lora
+    // panes once (the server's Lora list is refreshed already), so the new card shows.
+    const activeJobs = new Set();
+    function watchStatus() {
+        const status = root().querySelector("#lora_train_status .lora_train_status");
+        if (!status || !status.dataset.job) return;
+        const job = status.dataset.job;
+        const state = status.dataset.state;
+        if (state === "queued" || state === "running") {
+            activeJobs.add(job);
+        } else if (activeJobs.delete(job) && status.dataset.file) {
+            refreshLoraCards("txt2img");
+            refreshLoraCards("img2img");
+        }
     }
 
     function sendToTxt2img(text) {
@@ -152,6 +169,11 @@
             subtree: true,
             characterData: true,
         });
+        const status = byId("lora_train_status");
+        if (status) {
+            new MutationObserver(watchStatus).observe(status, { childList: true, subtree: true, attributes: true });
+            watchStatus();
+        }
         ready = true;
         return ready;
     }

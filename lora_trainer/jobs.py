@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import os
 import threading
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from lora_trainer.config import TrainConfig
 from lora_trainer.contracts import Host
 from lora_trainer.errors import IncompatibleModelError, LoraTrainerError, OutOfMemory
+from lora_trainer.files.card_preview import write_card_preview
 from lora_trainer.log import logger
 from lora_trainer.train.callbacks import Callbacks, StepInfo
 from lora_trainer.train.device import device_throughput, is_out_of_memory, release_memory
@@ -240,6 +242,7 @@ class JobManager:
                 host.on_job_start(job)
                 callbacks = _JobCallbacks(job, host, host.work_dir / "samples" / job.id)
                 plan = self._plan_quietly(job.config)
+                existing = _lora_files(job.config.save.output_dir)
                 with host.training_session() as adapter:
                     peak = _PeakMemory(adapter.device)
                     try:
@@ -250,7 +253,7 @@ class JobManager:
             if result.output_path is None:
                 job.state, job.phase = "stopped", "Stopped before the first step: nothing saved"
                 return
-            self._finish(job, result.output_path, result.stopped_early)
+            self._finish(job, result.output_path, result.stopped_early, replaced=result.output_path.name in existing)
         except OutOfMemory as e:
             self._out_of_memory(job, e, plan)
         except Exception as e:  # noqa: BLE001 - the job reports every failure; the host keeps running
@@ -264,7 +267,7 @@ class JobManager:
             with contextlib.suppress(Exception):
                 host.on_job_end(job)
 
-    def _finish(self, job: Job, path: Path, stopped_early: bool) -> None:
+    def _finish(self, job: Job, path: Path, stopped_early: bool, *, replaced: bool) -> None:
         host = self.host
         job.phase = "Checking the file loads in the WebUI"
         unplaced = host.verify_lora(path)
@@ -273,6 +276,7 @@ class JobManager:
                 f"{path.name} does not fully load: {len(unplaced)} module(s) match nothing "
                 f"in the loaded model (first: {', '.join(unplaced[:5])})"
             )
+        write_card_preview(path, job.samples, replace=replaced)  # before the refresh that shows the card
         host.publish_lora(path)
         job.output_file = str(path)
         job.state = "stopped" if stopped_early else "done"
@@ -293,6 +297,7 @@ class JobManager:
         job.error = str(error)
         if error.saved:
             job.output_file = error.saved
+            write_card_preview(error.saved, job.samples, replace=False)
             with contextlib.suppress(Exception):
                 self.host.publish_lora(Path(error.saved))
         logger.error("training job %s: %s", job.id, job.error)
@@ -308,6 +313,16 @@ class _PeakMemory:
 
     def measured(self) -> float | None:
         return None if self.device is None else float(torch.cuda.max_memory_allocated(self.device))
+
+
+def _lora_files(output_dir: str | None) -> set[str]:
+    """The names of the LoRA files in ``output_dir`` before a run: one the run writes over gets a new card preview."""
+    if output_dir is None:
+        return set()
+    try:
+        return {e.name for e in os.scandir(output_dir) if e.name.endswith(".safetensors")}
+    except OSError:
+        return set()
 
 
 def _memory_report(plan: Plan | None, measured: float | None) -> dict[str, Any]:

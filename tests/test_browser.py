@@ -147,6 +147,11 @@ def test_train_from_the_tab(app, page, tmp_path):
     assert lora.name in text
     page.wait_for_function("() => document.querySelectorAll('#lora_train_samples img').length >= 1")
     page.screenshot(path=str(tmp_path / "done.png"), full_page=True)
+    # the run ended with a file: the txt2img and img2img Lora panes were refreshed, once each
+    for count in ("harness_refresh_count", "harness_img2img_refresh_count"):
+        page.wait_for_function(f"() => document.querySelector('#{count} input').value === '1'")
+    page.wait_for_timeout(1500)  # a few more status polls: still once
+    assert page.locator("#harness_img2img_refresh_count input").input_value() == "1"
 
     # Send to txt2img: the prompt gets the LoRA, the txt2img tab shows, the Lora list refreshes.
     page.locator("#txt2img_prompt textarea").evaluate("(el) => { el.value = 'a photo'; }")
@@ -157,4 +162,4 @@ def test_train_from_the_tab(app, page, tmp_path):
     prompt.wait_for(state="visible")
     assert prompt.input_value() == "a photo, <lora:lora_quick_test:1.0>"
     page.screenshot(path=str(tmp_path / "sent.png"))
-    page.wait_for_function("() => document.querySelector('#harness_refresh_count input').value === '1'")
+    page.wait_for_function("() => document.querySelector('#harness_refresh_count input').value === '2'")

@@ -2,8 +2,10 @@
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from lora_trainer.errors import ConfigError, DatasetError, IncompatibleModelError
 from lora_trainer.jobs import JobBusyError, JobManager, UnknownJobError
@@ -128,6 +130,40 @@ def test_samples_are_written_every_n_steps(tmp_path):
     assert job.state == "done"
     assert len(job.samples) == 6  # steps 2, 4 and 6 (the last), two prompts each
     assert all(p.endswith(".png") for p in job.samples)
+
+
+def test_finished_run_gives_its_card_the_last_preview(tmp_path):
+    host = FakeHost(tmp_path)
+    manager = JobManager(host)
+    previews = {"sample.sample_every_n_steps": 2, "sample.sample_prompts": ["a"]}
+    job = manager.wait(manager.start(config(tmp_path, **previews)).id, timeout=60)
+    card = host.lora_dir / "tiny.preview.png"  # what the WebUI's find_preview looks up beside tiny.safetensors
+    assert job.output_file == str(host.lora_dir / "tiny.safetensors")
+    assert card.read_bytes() == Path(job.samples[-1]).read_bytes()
+    assert list(host.lora_dir.glob(".*")) == []  # no temp file left
+
+    # a preview the user made is kept when the run writes a new file (tiny_1) ...
+    mine = host.lora_dir / "tiny_1.png"
+    Image.new("RGB", (4, 4), (0, 0, 255)).save(mine)
+    second = manager.wait(manager.start(config(tmp_path, **previews)).id, timeout=60)
+    assert second.output_file == str(host.lora_dir / "tiny_1.safetensors")
+    assert not (host.lora_dir / "tiny_1.preview.png").exists()
+    assert Image.open(mine).getpixel((0, 0)) == (0, 0, 255)
+
+    # ... and replaced when the run wrote over the LoRA itself
+    card.write_bytes(b"the user's own preview")
+    third = manager.wait(manager.start(config(tmp_path, **previews, **{"save.overwrite": True})).id, timeout=60)
+    assert third.output_file == str(host.lora_dir / "tiny.safetensors")
+    assert card.read_bytes() == Path(third.samples[-1]).read_bytes()
+
+
+def test_run_without_previews_writes_no_card_preview(tmp_path):
+    host = FakeHost(tmp_path)
+    manager = JobManager(host)
+    job = manager.wait(manager.start(config(tmp_path)).id, timeout=60)
+    assert job.state == "done"
+    assert job.samples == []
+    assert sorted(p.name for p in host.lora_dir.iterdir()) == ["tiny.safetensors"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -274,3 +274,25 @@ def test_available_memory_reads_meminfo(tmp_path):
     f.write_text("MemTotal:       16000000 kB\n", encoding="ascii")
     assert available_memory(str(f)) is None
     assert available_memory(str(tmp_path / "missing")) is None
+
+
+def test_clean_strips_nul_and_sets_aside_captions_above_the_import_limit(tmp_path):
+    """Clean applies the import's rules to captions already in a workspace: NUL bytes are
+    removed (with a note) and a caption above 1 MiB is moved aside, not converted."""
+    from tests.fixtures.images import pattern, save
+
+    ws = Workspace.create(tmp_path / "w", "ds")
+    folder = ws.path / "10_x"
+    for stem in ("nul", "big", "bigtxt"):
+        save(pattern((16, 16), 1), folder / f"{stem}.png")
+    (folder / "nul.txt").write_bytes(b"red\x00 hair")
+    (folder / "big.caption").write_bytes(b"tag, " * (300 * 1024))
+    (folder / "bigtxt.txt").write_bytes(b"tag, " * (300 * 1024))
+    report = ws.clean()
+    assert (folder / "nul.txt").read_bytes() == b"red hair"
+    assert report.problem_paths("caption_nul") == ["10_x/nul.txt"]
+    assert sorted(report.problem_paths("too_large")) == ["10_x/big.caption", "10_x/bigtxt.txt"]
+    assert not (folder / "big.txt").exists()
+    assert not (folder / "bigtxt.txt").exists()
+    assert (ws.path / ".workshop" / "quarantine" / "10_x" / "big.caption").is_file()
+    assert all(p.severity == "warning" for p in report.problems_with("too_large"))

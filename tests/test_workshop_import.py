@@ -240,3 +240,13 @@ def test_images_are_copied_not_decoded(ws, tmp_path):
     Image.new("RGB", (8, 8), RED).save(src / "ok.png")
     report = ws.import_folder(src)
     assert len(report.imported) == 2
+
+
+def test_nul_bytes_in_captions_are_removed_with_a_note(tmp_path):
+    src = tmp_path / "src"
+    save(pattern((16, 16), 1), src / "a.png")
+    (src / "a.txt").write_bytes(b"blue\x00 eyes\x00")
+    ws = Workspace.create(tmp_path / "w", "ds")
+    report = ws.import_folder(src, "x", 10)
+    assert (ws.path / "10_x" / "a.txt").read_text(encoding="utf-8") == "blue eyes"
+    assert [p.severity for p in report.problems_with("caption_nul")] == ["info"]

@@ -159,3 +159,18 @@ def test_image_already_at_size_is_left_alone(tmp_path):
     assert report.resized == []
     assert report.problem_paths("already_sized") == ["1_a/x.jpg"]
     assert p.read_bytes() == before
+
+
+def test_fixed_size_warns_of_a_big_enlargement_or_a_heavy_crop(tmp_path):
+    """A >2x enlargement and a crop keeping under half the image are warnings, not collapsed notes."""
+    ws = Workspace.create(tmp_path / "w", "ds")
+    save(pattern((8, 8), 1), ws.path / "1_a" / "tiny.png")
+    save(pattern((256, 16), 2), ws.path / "1_a" / "pano.png")
+    save(pattern((48, 48), 3), ws.path / "1_a" / "mild.png")
+    report = ws.resize_fixed(64, 64)
+    by_code = {(p.code, p.path): p for p in report.problems}
+    assert by_code[("upscaled", "1_a/tiny.png")].severity == "warning"
+    assert "8.0x" in by_code[("upscaled", "1_a/tiny.png")].message
+    assert by_code[("heavy_crop", "1_a/pano.png")].severity == "warning"
+    assert "keeping only 6%" in by_code[("heavy_crop", "1_a/pano.png")].message
+    assert by_code[("upscaled", "1_a/mild.png")].severity == "info"

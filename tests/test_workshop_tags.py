@@ -165,3 +165,24 @@ def test_bad_edits(ws):
         ws.bulk_add(["x"], position="middle")
     with pytest.raises(ConfigError):
         ws.bulk_replace({})
+
+
+def test_caption_files_are_read_everywhere(ws):
+    """A ``.caption`` (kohya-trainer's BLIP step) is a caption for counts, stats, edits and "keep"
+    captioning; an edit keeps its text in the new ``.txt``; a ``.txt`` beside it wins, with a note."""
+    folder = ws.path / "10_mychar"
+    (folder / "d.caption").write_text("a girl\x00 in a garden", encoding="utf-8")
+    (folder / "a.caption").write_text("stale blip text", encoding="utf-8")
+    assert ws.summary().captioned == 4
+    assert ws.get_caption("10_mychar/d.png") == "a girl in a garden"
+    stats = {t.tag: t.count for t in ws.tags().tags}
+    assert stats["a girl in a garden"] == 1
+    assert "stale blip text" not in stats
+    report = ws.bulk_add("trigger")
+    assert (folder / "d.txt").read_text(encoding="utf-8") == "trigger, a girl in a garden"
+    assert (folder / "d.caption").exists()
+    notes = {p.path: p for p in report.problems}
+    assert notes["10_mychar/d.png"].code == "caption_converted"
+    assert "d.caption" in notes["10_mychar/d.png"].message
+    assert notes["10_mychar/a.png"].code == "caption_ignored"
+    assert (folder / "a.txt").read_text(encoding="utf-8").startswith("trigger, mychar")

@@ -6,6 +6,7 @@ captioners of ``lora_trainer.backends.webui`` on the stand-in WebUI."""
 
 from __future__ import annotations
 
+import errno
 import threading
 import types
 import zipfile
@@ -16,6 +17,7 @@ import pytest
 from PIL import Image
 
 from lora_trainer.errors import DatasetError
+from lora_trainer.files import atomic_write
 from lora_trainer.jobs import JobManager
 from lora_trainer.webui import workshop_actions, workshop_render, workshop_ui
 from lora_trainer.webui.ui import create_tab
@@ -24,7 +26,7 @@ from lora_trainer.webui.workshop_captioners import CaptionerSpec, wd14_spec
 from lora_trainer.workshop import Captioner, CaptionerUnavailable, Problem, Workspace
 from tests.fixtures.files import tree_hashes
 from tests.fixtures.host import FakeHost
-from tests.fixtures.images import COLOURS, make_image
+from tests.fixtures.images import COLOURS, make_image, pattern, save
 from tests.fixtures.ui_app import StubTagger
 
 
@@ -558,3 +560,43 @@ def test_webui_captioners_follow_the_protocol(tmp_path):
         assert blip.caption(bright).startswith("a picture")
         with fake.queue_lock, pytest.raises(CaptionerUnavailable, match="busy"):
             be.DeepBooruCaptioner().caption(bright)
+
+
+@pytest.mark.parametrize(
+    ("error", "says"),
+    [
+        (PermissionError(errno.EACCES, "Permission denied"), "is read-only or the WebUI"),
+        (OSError(errno.ENOSPC, "No space left on device"), "the disk is full"),
+    ],
+)
+def test_unwritable_or_full_workspace_names_the_folder(actions, tmp_path, monkeypatch, error, says):
+    """A read-only workspace or a full disk (CI runs as root, so chmod stops nothing: the write is
+    made to fail) says which folder and what to do, never the hidden temp file's name."""
+    actions.create("ro", "")
+    ws = actions.workspace("ro")
+    folder = ws.path / "10_mychar"
+    save(pattern((16, 16), 1), folder / "a.png")
+    (folder / "a.txt").write_text("x", encoding="utf-8")
+
+    def refuse(directory, stem, chunks, durable=True):
+        error.filename = str(Path(directory) / f".{stem}.abc123.tmp")
+        raise error
+
+    monkeypatch.setattr(atomic_write, "write_temp", refuse)
+    for html in (actions.bulk_add("ro", "mychar2", "start", ""), actions.save_caption("ro", "10_mychar/a.png", "y")[1]):
+        assert is_error(html)
+        assert says in html
+        assert f"folder {ws.path}" in html
+        assert ".tmp" not in html
+        assert "Unexpected" not in html
+    assert (folder / "a.txt").read_text(encoding="utf-8") == "x"
+
+    def move_fails(*args, **kwargs):  # a write outside atomic_write (a rename, a mkdir) reaching the page
+        raise type(error)(error.errno, error.strerror, str(folder / ".a.png.xyz.tmp"))
+
+    monkeypatch.setattr(Workspace, "clean", move_fails)
+    html = actions.clean("ro", "#fff")
+    assert is_error(html)
+    assert f"{says}" in html
+    assert str(folder) in html
+    assert ".tmp" not in html

@@ -7,6 +7,7 @@ fails. Without ``overwrite`` an existing file is never replaced: the first free 
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import tempfile
@@ -14,9 +15,43 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import cast
 
+from lora_trainer.errors import LoraTrainerError
 from lora_trainer.log import logger
 
-__all__ = ["atomic_write_bytes", "free_path", "publish", "unlink_quietly", "write_temp"]
+__all__ = [
+    "FolderNotWritable",
+    "atomic_write_bytes",
+    "folder_not_writable",
+    "free_path",
+    "publish",
+    "unlink_quietly",
+    "write_temp",
+]
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NO_WRITE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+class FolderNotWritable(LoraTrainerError, OSError):
+    """A write failed because its folder is read-only or its disk is full; the message names the
+    folder and what to do (never the hidden temp file). Still an :class:`OSError` (same ``errno``)."""
+
+
+def folder_not_writable(exc: OSError, folder: str | os.PathLike) -> FolderNotWritable | None:
+    """``exc`` as a :class:`FolderNotWritable` about ``folder`` when it is a permission or full-disk
+    error; None for other errors."""
+    if isinstance(exc, FolderNotWritable):
+        return exc
+    if exc.errno in _NO_SPACE:
+        why, todo = "the disk is full", "Free some space there (or move it to a disk with room)"
+    elif exc.errno in _NO_WRITE:
+        why = "it is read-only or the WebUI's user may not write there"
+        todo = "Make it writable (check its permissions, and that its disk is not mounted read-only)"
+    else:
+        return None
+    err = FolderNotWritable(f"Cannot write to the folder {os.fspath(folder)}: {why}. {todo}, then try again.")
+    err.errno = exc.errno
+    return err
 
 
 def free_path(path: str | os.PathLike) -> Path:
@@ -148,6 +183,12 @@ def atomic_write_bytes(
         parts = [cast("bytes | memoryview", chunks)]
     else:
         parts = chunks
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = write_temp(path.parent, path.name, parts, durable)
-    return publish(tmp, path, overwrite)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = write_temp(path.parent, path.name, parts, durable)
+        return publish(tmp, path, overwrite)
+    except OSError as e:
+        err = folder_not_writable(e, path.parent)
+        if err is None:
+            raise
+        raise err from e

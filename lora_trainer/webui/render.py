@@ -107,7 +107,9 @@ def status_html(job: dict[str, Any] | None) -> str:
         stats.append(f"<span>took {format_duration(job['finished_at'] - job['created_at'])}</span>")
     busy = " lora_train_bar_busy" if state in ("queued", "running") and not total else ""
     html = [
-        f'<div class="lora_train_status lora_train_state_{escape(state)}" data-state="{escape(state)}">',
+        # data-job / data-file: the page refreshes the WebUI's Lora panes once when a run ends with a file
+        f'<div class="lora_train_status lora_train_state_{escape(state)}" data-state="{escape(state)}" '
+        f'data-job="{escape(str(job.get("id", "")))}" data-file="{"1" if job.get("output_file") else ""}">',
         '<div class="lora_train_status_head">',
         "" if state in ("queued", "running") else '<span class="lora_train_last">Last run:</span> ',
         f'<span class="lora_train_badge">{escape(state)}</span> ',

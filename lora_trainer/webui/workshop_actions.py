@@ -29,7 +29,7 @@ from typing import Any
 from lora_trainer.data.captions import split_tags
 from lora_trainer.data.images import load_image_rgb
 from lora_trainer.errors import ConfigError, DatasetError, LoraTrainerError
-from lora_trainer.files.atomic_write import atomic_write_bytes
+from lora_trainer.files.atomic_write import atomic_write_bytes, folder_not_writable
 from lora_trainer.log import logger
 from lora_trainer.webui.render import message_html
 from lora_trainer.webui.workshop_captioners import CaptionerSpec
@@ -76,6 +76,16 @@ def _ticker(progress: Progress | None, desc: str) -> Callable[[int, int], None] 
     return lambda done, total: progress((done, total), desc=desc, unit="images")
 
 
+def _os_error_html(action: str, exc: OSError) -> str:
+    """A read-only folder or a full disk named by its folder (never a hidden temp file's name)."""
+    folder = Path(os.fsdecode(exc.filename)).parent if exc.filename else Path("the workspace")
+    err = folder_not_writable(exc, folder)
+    if err is not None:
+        return error_html(err)
+    logger.exception("dataset workshop: %s failed", action)
+    return error_html(exc)
+
+
 def _guard(n_out: int, message_at: int = 0):
     """Never let an exception reach the page: typed errors become a red box in output
     ``message_at``, the other outputs stay as they are."""
@@ -87,6 +97,8 @@ def _guard(n_out: int, message_at: int = 0):
                 return fn(*args, **kwargs)
             except LoraTrainerError as exc:
                 html = error_html(exc)
+            except OSError as exc:
+                html = _os_error_html(fn.__name__, exc)
             except Exception as exc:  # noqa: BLE001 - the page's edge: one line for the page, the trace for the log
                 logger.exception("dataset workshop: %s failed", fn.__name__)
                 html = error_html(exc)

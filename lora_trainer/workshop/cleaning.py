@@ -42,8 +42,8 @@ from lora_trainer.errors import DatasetError
 from lora_trainer.files.atomic_write import atomic_write_bytes
 from lora_trainer.files.hashes import file_sha256
 from lora_trainer.workshop.dedupe import Fingerprint, HashCache, fingerprint
-from lora_trainer.workshop.fsutil import atomic_write_text, caption_text, unique_stem
-from lora_trainer.workshop.layout import caption_path, concept_folders, iter_images, move_aside, rel_path
+from lora_trainer.workshop.fsutil import MAX_CAPTION_BYTES, atomic_write_text, caption_text, unique_stem
+from lora_trainer.workshop.layout import caption_path, concept_folders, iter_images, move_aside, rel_path, state_dir
 from lora_trainer.workshop.report import Report
 from lora_trainer.workshop.resources import WORKSHOP_MAX_PIXELS, megapixels, worker_count
 
@@ -180,6 +180,8 @@ def _tidy_caption_file(root: Path, path: Path, names: set[str], stems: set[str],
         report.add("not_image", rel, f"{rel} is not an image or caption; training ignores it.", "info")
     elif stem not in stems:
         report.add("orphan_caption", rel, f"Caption {rel} has no image of the same name; training ignores it.", "info")
+    elif _set_aside_if_too_large(root, path, rel, report):
+        return
     elif ext == ".caption":
         if stem + CAPTION_EXTENSION in names:
             report.add("caption_ignored", rel, f"{rel} is ignored: training reads the .txt caption beside it.", "info")
@@ -189,11 +191,40 @@ def _tidy_caption_file(root: Path, path: Path, names: set[str], stems: set[str],
         _rewrite_txt_caption(path, rel, report)
 
 
+def _set_aside_if_too_large(root: Path, path: Path, rel: str, report: Report) -> bool:
+    """Move a caption file above :data:`MAX_CAPTION_BYTES` (the limit imports apply) to
+    ``.workshop/quarantine/``; True when it was (reported)."""
+    try:
+        if path.stat().st_size <= MAX_CAPTION_BYTES:
+            return False
+    except OSError:
+        return False
+    dest_dir = state_dir(root, "quarantine", *Path(rel).parent.parts)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    taken = {os.path.splitext(n)[0].lower() for n in os.listdir(dest_dir)}
+    dest = dest_dir / (unique_stem(path.stem, taken) + path.suffix)
+    os.replace(path, dest)
+    report.add(
+        "too_large",
+        rel,
+        f"Caption {rel} is larger than 1 MiB, too large to be a caption; it was moved to "
+        f"{rel_path(root, dest)}. Write a short caption for its image.",
+    )
+    return True
+
+
+def _caption_without_nul(text: str, rel: str, report: Report) -> str:
+    if "\x00" not in text:
+        return text
+    report.add("caption_nul", rel, f"Caption {rel} held NUL bytes; they were removed.", "info")
+    return text.replace("\x00", "")
+
+
 def _convert_caption_file(path: Path, rel: str, report: Report) -> None:
     """A ``.caption`` file without a ``.txt`` beside it becomes that ``.txt`` (one UTF-8 line)."""
     data = path.read_bytes()
     text, _ = decode_caption_bytes(data)
-    text, _ = caption_text(text or "")
+    text, _ = caption_text(_caption_without_nul(text or "", rel, report))
     atomic_write_text(path.with_suffix(CAPTION_EXTENSION), text)
     os.unlink(path)
     report.add("caption_converted", rel, f"Caption {rel} was saved as .txt, the file training reads.", "info")
@@ -207,8 +238,8 @@ def _rewrite_txt_caption(path: Path, rel: str, report: Report) -> None:
         report.add("unreadable", rel, f"Cannot read caption {rel} ({e.strerror or e}).", "error")
         return
     text, fallback = decode_caption_bytes(data)
-    one, multi = caption_text(text or "")
-    if not (fallback or multi or data.startswith(b"\xef\xbb\xbf")):
+    one, multi = caption_text(_caption_without_nul(text or "", rel, report))
+    if not (fallback or multi or data.startswith(b"\xef\xbb\xbf") or b"\x00" in data):
         return
     atomic_write_text(path, one)
     if fallback:

@@ -15,6 +15,7 @@ from lora_trainer.filenames import is_windows_reserved, replace_bad_chars
 from lora_trainer.files.atomic_write import atomic_write_bytes
 
 __all__ = [
+    "MAX_CAPTION_BYTES",
     "MAX_STEM",
     "atomic_write_json",
     "atomic_write_text",
@@ -31,6 +32,7 @@ __all__ = [
 # 255 bytes for an extension, a ``_<n>`` collision suffix and the hidden temp names writers use
 # (``.<name>.<random>.tmp``, ``.<name>.import.tmp``).
 MAX_STEM_BYTES = 150
+MAX_CAPTION_BYTES = 1 << 20  # a caption file above this is not a caption (import skips it, clean sets it aside)
 MAX_STEM = MAX_STEM_BYTES  # former name (it was a character count)
 
 

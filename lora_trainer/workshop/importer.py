@@ -50,7 +50,14 @@ from lora_trainer.data.layout import (
     parse_subset_folder,
 )
 from lora_trainer.errors import DatasetError
-from lora_trainer.workshop.fsutil import atomic_write_text, caption_text, rename_reason, safe_name, unique_stem
+from lora_trainer.workshop.fsutil import (
+    MAX_CAPTION_BYTES,
+    atomic_write_text,
+    caption_text,
+    rename_reason,
+    safe_name,
+    unique_stem,
+)
 from lora_trainer.workshop.import_sources import (
     ImportLimits,
     MiB,
@@ -78,7 +85,7 @@ __all__ = [
 ]
 
 _JPEG_EXTS = (".jpeg", ".jpe", ".jfif")
-_MAX_CAPTION_BYTES = 1 << 20
+_MAX_CAPTION_BYTES = MAX_CAPTION_BYTES
 # what reading or unpacking one source file can raise besides running past the size limit
 _READ_ERRORS = (OSError, zipfile.BadZipFile, RuntimeError, EOFError, NotImplementedError, zlib.error)
 
@@ -184,6 +191,9 @@ def _read_caption(entry: SourceEntry, report: ImportReport) -> str | None:
             f"Caption {entry.display} was not UTF-8; read it as {fallback} and saved it as UTF-8. Check its accents.",
             "info",
         )
+    if text and "\x00" in text:
+        text = text.replace("\x00", "")
+        report.add("caption_nul", entry.display, f"Caption {entry.display} held NUL bytes; they were removed.", "info")
     text, multi = caption_text(text or "")
     if multi:
         report.add(

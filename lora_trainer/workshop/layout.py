@@ -179,7 +179,8 @@ def move_aside(root: Path, image: Path, area: str) -> str:
     stem = unique_stem(image.stem, taken)
     dest = dest_dir / (stem + image.suffix)
     os.replace(image, dest)
-    cap = caption_path(image)
-    if cap.exists():
-        os.replace(cap, dest.with_suffix(CAPTION_EXTENSION))
+    for cap_ext in CAPTION_EXTENSIONS:  # a .caption goes along too: it may be the image's only caption
+        cap = image.with_suffix(cap_ext)
+        if os.path.exists(cap):  # not Path.exists(): a name too long for a .caption reads as "none"
+            os.replace(cap, dest.with_suffix(cap_ext))
     return dest.relative_to(root).as_posix()

@@ -247,6 +247,31 @@ def _leave_as_is(
     return True
 
 
+def _report_loss(
+    rel: str, size: tuple[int, int], resized: tuple[int, int], target: tuple[int, int], report: ResizeReport
+) -> None:
+    """Report an enlargement (a warning above 2x: blurry) and a crop that keeps less than half the image (a warning)."""
+    w, h = size
+    scale = resized[0] / w
+    if scale > 2:
+        report.add(
+            "upscaled",
+            rel,
+            f"{rel} ({w}x{h}) was enlarged {scale:.1f}x to fit {target[0]}x{target[1]}: it will look blurry. "
+            "Use a larger source image, or a smaller size.",
+        )
+    elif scale > 1:
+        report.add("upscaled", rel, f"{rel} ({w}x{h}) was enlarged to fit {target[0]}x{target[1]}.", "info")
+    kept = (target[0] * target[1]) / (resized[0] * resized[1])
+    if kept < 0.5:
+        report.add(
+            "heavy_crop",
+            rel,
+            f"{rel} ({w}x{h}) was cropped to {target[0]}x{target[1]}, keeping only {kept:.0%} of it. "
+            "Check the crop, pick a focal point, or use a size of closer shape.",
+        )
+
+
 def _focus(
     img: Image.Image,
     rel: str,
@@ -325,8 +350,7 @@ def resize_fixed(
         out = img.resize(resized, _LANCZOS) if resized != (w, h) else img
         out = out.crop(box) if resized != target else out
         upscaled = resized[0] > w or resized[1] > h
-        if upscaled:
-            report.add("upscaled", rel, f"{rel} ({w}x{h}) was enlarged to fit {target[0]}x{target[1]}.", "info")
+        _report_loss(rel, (w, h), resized, target, report)
         new_path, original = _save_resized(root, path, original, out)
         report.resized.append(
             ResizedImage(

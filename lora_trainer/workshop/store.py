@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -23,6 +24,8 @@ from lora_trainer.workshop.report import Report
 
 __all__ = [
     "UndoReport",
+    "caption_file",
+    "has_both_captions",
     "join_tags",
     "read_caption",
     "save_undo",
@@ -60,10 +63,28 @@ def caption_tags(caption: str) -> list[str]:
     return split_tags(caption)
 
 
+def caption_file(image: Path) -> Path | None:
+    """The file holding ``image``'s caption: its ``.txt``, else its ``.caption`` (as kohya-trainer's
+    BLIP step writes them; the ``.txt`` wins where both exist, as in training), else None."""
+    txt = caption_path(image)
+    if os.path.isfile(txt):  # not Path.is_file(): a name too long for a .caption must read as "none"
+        return txt
+    other = image.with_suffix(".caption")
+    return other if os.path.isfile(other) else None
+
+
+def has_both_captions(image: Path) -> bool:
+    """Whether ``image`` has a ``.caption`` beside its ``.txt`` (the ``.caption`` is then unused)."""
+    return os.path.isfile(caption_path(image)) and os.path.isfile(image.with_suffix(".caption"))
+
+
 def read_caption(image: Path) -> str | None:
-    """The caption of ``image`` (one line, whitespace collapsed) or None when it has no ``.txt``.
+    """The caption of ``image`` (one line, whitespace collapsed, NUL bytes dropped) from its ``.txt``
+    or else its ``.caption`` (:func:`caption_file`), or None when it has neither.
     Non-UTF-8 files are decoded with a fallback (clean() rewrites them as UTF-8)."""
-    path = caption_path(image)
+    path = caption_file(image)
+    if path is None:
+        return None
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -71,12 +92,12 @@ def read_caption(image: Path) -> str | None:
     except OSError as e:
         raise DatasetError(f"Cannot read caption {path} ({e.strerror or e}). Check its permissions.") from None
     text, _ = decode_caption_bytes(data)
-    return caption_text(text or "")[0]
+    return caption_text((text or "").replace("\x00", ""))[0]
 
 
 def clean_caption_text(text: str) -> str:
-    """One line, runs of whitespace collapsed (what a caption file holds)."""
-    return _SPACES.sub(" ", text).strip()
+    """One line, runs of whitespace collapsed, no NUL bytes (what a caption file holds)."""
+    return _SPACES.sub(" ", text.replace("\x00", "")).strip()
 
 
 def write_caption(image: Path, text: str) -> None:

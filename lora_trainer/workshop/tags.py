@@ -19,7 +19,15 @@ from lora_trainer.data.captions import split_tags
 from lora_trainer.errors import ConfigError
 from lora_trainer.workshop.layout import iter_images, rel_path, resolve_image
 from lora_trainer.workshop.report import Report
-from lora_trainer.workshop.store import join_tags, read_caption, save_undo, tag_key, write_caption
+from lora_trainer.workshop.store import (
+    caption_file,
+    has_both_captions,
+    join_tags,
+    read_caption,
+    save_undo,
+    tag_key,
+    write_caption,
+)
 
 __all__ = [
     "ImageEntry",
@@ -188,9 +196,31 @@ def _bulk(
     if planned:
         save_undo(root, operation, {rel_path(root, p): old for p, old, _ in planned}, operation)
         for path, _, new in planned:
+            _note_caption_source(root, path, report)
             write_caption(path, new)
             report.changed.append(rel_path(root, path))
     return report
+
+
+def _note_caption_source(root: Path, image: Path, report: Report) -> None:
+    """Say where an edited caption came from when a ``.caption`` file is involved, before the ``.txt`` is written."""
+    rel = rel_path(root, image)
+    source = caption_file(image)
+    if source is not None and source.suffix == ".caption":
+        report.add(
+            "caption_converted",
+            rel,
+            f"{rel_path(root, source)} was read and written, with the edit, as {rel_path(root, source.with_suffix('.txt'))}"
+            " (the caption training reads); the .caption file was kept.",
+            "info",
+        )
+    elif has_both_captions(image):
+        report.add(
+            "caption_ignored",
+            rel,
+            f"{rel_path(root, image.with_suffix('.caption'))} was not edited: the .txt caption beside it wins.",
+            "info",
+        )
 
 
 def bulk_remove(

@@ -46,7 +46,6 @@ from lora_trainer.workshop.fsutil import atomic_write_json, safe_name
 from lora_trainer.workshop.import_sources import ImportLimits
 from lora_trainer.workshop.importer import ImportReport
 from lora_trainer.workshop.layout import (
-    caption_path,
     concept_folder_name,
     concept_folders,
     iter_images,
@@ -55,7 +54,7 @@ from lora_trainer.workshop.layout import (
 )
 from lora_trainer.workshop.report import Report
 from lora_trainer.workshop.resources import WORKSHOP_MAX_PIXELS
-from lora_trainer.workshop.store import UndoReport, undo_info, undo_last
+from lora_trainer.workshop.store import UndoReport, caption_file, undo_info, undo_last
 
 __all__ = ["ConceptInfo", "Workspace", "WorkspaceSummary"]
 
@@ -219,7 +218,7 @@ class Workspace:
             by_folder.setdefault(p.relative_to(self.path).parts[0], []).append(p)
         for folder, repeats, concept in concept_folders(self.path):
             imgs = by_folder.get(folder.name, [])
-            captioned = sum(1 for p in imgs if caption_path(p).is_file())
+            captioned = sum(1 for p in imgs if caption_file(p) is not None)
             s.concepts.append(ConceptInfo(folder.name, concept, repeats, len(imgs), captioned))
             s.images += len(imgs)
             s.captioned += captioned
