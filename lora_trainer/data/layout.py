@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 
 __all__ = [
     "CAPTION_EXTENSION",
@@ -47,6 +48,7 @@ __all__ = [
     "is_image_file",
     "is_workshop_image",
     "parse_subset_folder",
+    "special_file_kind",
     "split_subset_folder",
 ]
 
@@ -104,3 +106,17 @@ def is_hidden_entry(entry: os.DirEntry) -> bool:
     except OSError:
         return False
     return bool(attrs & _FILE_ATTRIBUTE_HIDDEN)
+
+
+def special_file_kind(mode: int) -> str | None:
+    """What a file that is not a regular file is, in words (for a "skipped" note); None for a regular file.
+    Only regular files are ever opened: a FIFO would block the reader, a device never ends."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"

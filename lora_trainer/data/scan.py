@@ -33,7 +33,6 @@ from outside the dataset reaches a LoRA's metadata (``ss_tag_frequency``).
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from lora_trainer.data.layout import (
     WORKSHOP_STATE_DIR,
     is_hidden_entry,
     is_image_file,
+    special_file_kind,
     split_subset_folder,
 )
 from lora_trainer.errors import DatasetError
@@ -208,16 +208,6 @@ def _is_inside(path: str, roots: Sequence[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
-def _special_kind(mode: int) -> str | None:
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
-
-
 def _is_dir(entry: os.DirEntry) -> bool:
     try:
         return entry.is_dir()
@@ -289,7 +279,7 @@ class _SubsetWalk:
             mode = os.stat(path).st_mode
         except OSError as e:
             return f"it cannot be read ({e.strerror or e})"
-        kind = _special_kind(mode)
+        kind = special_file_kind(mode)
         if kind is not None:
             return f"it is {kind}, not a file; only regular files are read"
         if self._outside_link(path):

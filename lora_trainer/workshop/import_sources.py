@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from lora_trainer.data.layout import is_hidden_entry
+from lora_trainer.data.layout import is_hidden_entry, special_file_kind
 from lora_trainer.errors import DatasetError
 
 __all__ = [
@@ -166,19 +166,6 @@ def _folder_subdir(path: Path, is_link: bool, excluded: set[str], report: Import
     return False
 
 
-def _special_kind(mode: int) -> str | None:
-    """What a file that is not a regular file is, in words; None for a regular file."""
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
-
-
 @dataclass
 class _FolderWalk:
     """What :func:`folder_entries` checks for each file: regular files only; links only with
@@ -222,7 +209,7 @@ class _FolderWalk:
             return None
         if link_st is None:
             return None
-        kind = _special_kind(link_st.st_mode)
+        kind = special_file_kind(link_st.st_mode)
         if kind is not None:
             self._skip("special_file", path, f"Skipped {path}: it is {kind}, not a file; only regular files are read.")
             return None
