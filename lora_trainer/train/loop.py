@@ -315,10 +315,11 @@ class _Run:
         max_norm = self.cfg.optim.max_grad_norm
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if max_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm) if max_norm else None
         if self.scaler is None:
-            if not grads_finite(self.params):
+            # clipping already measured the total norm: NaN/inf there means NaN/inf gradients
+            finite = bool(torch.isfinite(norm)) if norm is not None else grads_finite(self.params)
+            if not finite:
                 self.guard.skip(step, "NaN/inf gradients")
                 return False
             self.optimizer.step()
