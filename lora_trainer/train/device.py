@@ -12,31 +12,14 @@ import time
 import torch
 
 from lora_trainer.contracts import DeviceMemory
+from lora_trainer.meminfo import meminfo_bytes
 
 _THROUGHPUT: dict[tuple[str, str], float] = {}
 
 
 def available_ram() -> int | None:
     """MemAvailable from /proc/meminfo (Linux), else None."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def _total_ram() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    return meminfo_bytes("MemAvailable")
 
 
 def device_memory(device: torch.device | str, *, attention: str = "", placement: str = "") -> DeviceMemory:
@@ -47,7 +30,7 @@ def device_memory(device: torch.device | str, *, attention: str = "", placement:
         name = torch.cuda.get_device_name(device)
         return DeviceMemory("cuda", int(free), int(total), name, attention, placement)
     if device.type == "cpu":
-        return DeviceMemory("cpu", available_ram(), _total_ram(), "CPU", attention, placement)
+        return DeviceMemory("cpu", available_ram(), meminfo_bytes("MemTotal"), "CPU", attention, placement)
     return DeviceMemory(device.type, None, None, device.type, attention, placement)
 
 

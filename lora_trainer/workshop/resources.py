@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 
+from lora_trainer.meminfo import MEMINFO, meminfo_bytes
+
 __all__ = [
     "PEAK_BYTES_PER_PIXEL",
     "WORKSHOP_MAX_PIXELS",
@@ -27,7 +29,6 @@ __all__ = [
 WORKSHOP_MAX_PIXELS = 8192 * 8192
 PEAK_BYTES_PER_PIXEL = 16
 MAX_WORKERS = 4
-_MEMINFO = "/proc/meminfo"
 _HEADROOM = 0.5  # share of the available memory the workers may take; the rest for the WebUI and the system
 
 
@@ -41,19 +42,10 @@ def worker_peak_bytes(max_pixels: int | None) -> int:
     return PEAK_BYTES_PER_PIXEL * int(max_pixels if max_pixels is not None else WORKSHOP_MAX_PIXELS)
 
 
-def available_memory(meminfo: str = _MEMINFO) -> int | None:
+def available_memory(meminfo: str = MEMINFO) -> int | None:
     """Bytes of memory available to new work (``MemAvailable`` of ``/proc/meminfo``); None where
     it cannot be read (not Linux, a restricted container)."""
-    try:
-        with open(meminfo, encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    parts = line.split()
-                    unit = parts[2].lower() if len(parts) > 2 else "kb"
-                    return int(parts[1]) * (1024 if unit == "kb" else 1)
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    return meminfo_bytes("MemAvailable", meminfo)
 
 
 def worker_count(requested: int | None = None, *, max_pixels: int | None = WORKSHOP_MAX_PIXELS) -> int:
