@@ -11,6 +11,13 @@ estimated peak against the free memory, and which settings to change (``lora_tra
 when steps were done, what was trained is saved as a stop saves it (``output_file``, resume state).
 Every job's ``memory`` reports the estimated peak beside the measured one (CUDA's
 ``max_memory_allocated``; on other devices the estimate only).
+
+Jobs outlive the program: each is recorded in ``<work dir>/jobs/<id>.json`` (its settings and how
+it ended) when it starts and when it ends, and a new :class:`JobManager` lists those past jobs
+(``restored``) with their state; a run the program did not see end is "stopped" when it left a
+resume state, else "failed". Stopped runs that left a resume state but no record (an older
+version, the command line) are listed from that state and the ``ss_*`` metadata of their LoRA
+file (its header only). A ``resumable`` job continues with :meth:`JobManager.resume`.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import os
 import threading
 import time
@@ -28,12 +36,15 @@ import torch
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.contracts import Host
-from lora_trainer.errors import IncompatibleModelError, LoraTrainerError, OutOfMemory
+from lora_trainer.errors import ConfigError, IncompatibleModelError, LoraFileError, LoraTrainerError, OutOfMemory
+from lora_trainer.files.atomic_write import atomic_write_bytes
 from lora_trainer.files.card_preview import write_card_preview
+from lora_trainer.files.resume_state import StateFileError, load_state_info
+from lora_trainer.files.safetensors_format import read_safetensors_header
 from lora_trainer.log import logger
 from lora_trainer.train.callbacks import Callbacks, StepInfo
 from lora_trainer.train.device import device_throughput, is_out_of_memory, release_memory
-from lora_trainer.train.loop import train
+from lora_trainer.train.loop import state_dir_for, train
 from lora_trainer.train.memory import GB, Plan, estimate, format_bytes, settings_from_config
 from lora_trainer.train.preflight import check_dataset, check_resume, resolve_output_dir
 
@@ -76,6 +87,8 @@ class Job:
     created_at: float = dataclasses.field(default_factory=time.time)
     finished_at: float | None = None
     stop_requested: bool = False
+    restored: bool = False  # read back from what an earlier session of the program saved
+    resumable: bool = False  # stopped, and its resume state is there: JobManager.resume continues it
     thread: threading.Thread | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -114,6 +127,8 @@ class Job:
             "memory": self.memory,
             "created_at": self.created_at,
             "finished_at": self.finished_at,
+            "restored": self.restored,
+            "resumable": self.resumable,
             **({"losses": self.losses} if with_losses else {}),
         }
 
@@ -164,6 +179,10 @@ class JobManager:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        try:
+            self._jobs = {job.id: job for job in past_jobs(host.work_dir, keep)}
+        except Exception as e:  # noqa: BLE001 - the list of past runs is a convenience: it must not stop the program
+            logger.warning("the past training jobs could not be listed: %s: %s", type(e).__name__, e)
 
     def start(self, cfg: TrainConfig, *, resume: bool = False) -> Job:
         """Validate and start; ConfigError, DatasetError or JobBusyError come back at once, nothing started."""
@@ -184,9 +203,13 @@ class JobManager:
                     f"training '{running.config.save.output_name}' is still running ({running.id}); "
                     "wait for it or stop it first"
                 )
-            job = Job(id=f"job-{int(time.time())}-{next(self._ids)}", config=cfg, resume=resume, submitted=submitted)
+            job_id = f"job-{int(time.time())}-{next(self._ids)}"
+            while job_id in self._jobs:  # a restored job of an earlier session may hold it
+                job_id = f"job-{int(time.time())}-{next(self._ids)}"
+            job = Job(id=job_id, config=cfg, resume=resume, submitted=submitted)
             self._jobs[job.id] = job
             self._forget_old()
+            _save_record(self.host.work_dir, job)
             job.thread = threading.Thread(target=self._run, args=(job,), name=f"lora-train {job.id}", daemon=True)
             job.thread.start()
         return job
@@ -207,6 +230,13 @@ class JobManager:
         jobs = self.list()
         return jobs[-1] if jobs else None
 
+    def resume(self, job_id: str) -> Job:
+        """Continue the stopped job ``job_id`` (one of this session or a restored one) with its settings."""
+        job = self.get(job_id)
+        if not job.resumable:
+            raise ConfigError("resume", f"job {job_id} ({job.config.save.output_name}) has no stopped run to resume")
+        return self.start(job.submitted or job.config, resume=True)
+
     def cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
         job.stop_requested = True
@@ -222,6 +252,8 @@ class JobManager:
         finished = [j for j in self.list() if not j.active]
         for job in finished[: max(0, len(finished) - self.keep)]:
             del self._jobs[job.id]
+            with contextlib.suppress(OSError):
+                _record_path(self.host.work_dir, job.id).unlink()
 
     def plan(self, cfg: TrainConfig) -> Plan | None:
         """The memory and time plan of ``cfg`` on the loaded model and the host's device (None: no model)."""
@@ -264,8 +296,24 @@ class JobManager:
             logger.error("training job %s failed: %s", job.id, job.error, exc_info=not isinstance(e, LoraTrainerError))
         finally:
             job.finished_at = time.time()
+            job.resumable = job.state == "stopped" and _state_of(host.work_dir, job) is not None
+            _save_record(host.work_dir, job)
+            if job.state in ("done", "stopped"):
+                self._supersede(job)
             with contextlib.suppress(Exception):
                 host.on_job_end(job)
+
+    def _supersede(self, job: Job) -> None:
+        """Earlier stopped jobs of ``job``'s output name are no longer what a resume continues: the
+        newest run's state (or its end) is."""
+        name = job.config.save.output_name
+        with self._lock:
+            older = [
+                j for j in self._jobs.values() if j is not job and j.resumable and j.config.save.output_name == name
+            ]
+        for other in older:
+            other.resumable = False
+            _save_record(self.host.work_dir, other)
 
     def _finish(self, job: Job, path: Path, stopped_early: bool, *, replaced: bool) -> None:
         host = self.host
@@ -364,3 +412,143 @@ def _describe(e: BaseException) -> str:
             "caching, or use AdamW8bit/Adafactor"
         )
     return f"{type(e).__name__}: {text}"
+
+
+# -- jobs on disk ------------------------------------------------------------------------------------
+
+
+def _record_path(work_dir: str | os.PathLike, job_id: str) -> Path:
+    return Path(work_dir) / "jobs" / f"{job_id}.json"
+
+
+def _save_record(work_dir: str | os.PathLike, job: Job) -> None:
+    """Write ``job``'s record (its status and settings); a failure is logged, never raised."""
+    record = {
+        "version": 1,
+        **job.to_dict(with_losses=False),
+        "resume": job.resume,
+        "config": job.config.to_dict(),
+        "submitted": job.submitted.to_dict() if job.submitted is not None else None,
+    }
+    try:
+        path = _record_path(work_dir, job.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, json.dumps(record, default=str).encode("utf-8"), durable=False)
+    except (OSError, TypeError, ValueError) as e:
+        logger.warning("could not record training job %s: %s", job.id, e)
+
+
+def _state_of(work_dir: str | os.PathLike, job: Job) -> dict | None:
+    """The resume state ``job`` left (the info of its output name's state, when it belongs to it), else None."""
+    try:
+        info = load_state_info(state_dir_for(work_dir, job.config.save.output_name))
+    except (StateFileError, OSError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    mine = job.output_file is None or info.get("output_file") in (None, job.output_file)
+    return info if mine else None
+
+
+def _lora_metadata(path: str | None) -> dict[str, str]:
+    """The ``__metadata__`` of the LoRA file at ``path`` (its header only); empty when unreadable."""
+    if not path:
+        return {}
+    try:
+        return read_safetensors_header(path).metadata
+    except (LoraFileError, OSError):
+        return {}
+
+
+def _config_or_none(data: object) -> TrainConfig | None:
+    try:
+        return TrainConfig.from_dict(data) if isinstance(data, dict) else None
+    except ConfigError:
+        return None
+
+
+def _job_from_record(path: Path, work_dir: Path) -> Job | None:
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    cfg = _config_or_none(rec.get("config")) if isinstance(rec, dict) else None
+    if cfg is None:
+        return None
+    fields = {f.name for f in dataclasses.fields(Job)} - {"config", "submitted", "thread"}
+    job = Job(config=cfg, **{k: v for k, v in rec.items() if k in fields and k != "restored"})
+    job.submitted = _config_or_none(rec.get("submitted"))
+    job.restored = True
+    state = _state_of(work_dir, job)
+    if job.state in ("queued", "running"):  # the program ended during the run
+        job.state = "stopped" if state is not None else "failed"
+        job.phase = "Ended when the WebUI stopped"
+        job.error = None if state is not None else "the WebUI stopped during this run; nothing was saved to resume"
+        job.output_file = job.output_file or (state or {}).get("output_file")
+    # a record of a finished job says whether a later run superseded its state
+    ended_unseen = rec.get("state") in ("queued", "running")
+    job.resumable = job.state == "stopped" and state is not None and (ended_unseen or bool(rec.get("resumable")))
+    return job
+
+
+def _job_from_state(directory: Path) -> Job | None:
+    """A stopped run known only by its resume state (and the LoRA file it names)."""
+    try:
+        info = load_state_info(directory)
+    except (StateFileError, OSError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    output_file = info.get("output_file") if isinstance(info.get("output_file"), str) else None
+    meta = _lora_metadata(output_file)
+    nested: dict[str, dict] = {}
+    for key, value in (info.get("settings") or {}).items():
+        group, _, name = str(key).partition(".")
+        nested.setdefault(group, {})[name] = value
+    nested.setdefault("save", {})["output_name"] = directory.name
+    if output_file:
+        nested["save"]["output_dir"] = str(Path(output_file).parent)
+    if str(meta.get("ss_max_train_steps", "")).isdigit():
+        nested.setdefault("training", {})["max_train_steps"] = int(meta["ss_max_train_steps"])
+    cfg = _config_or_none(nested) or TrainConfig.from_dict({"save": nested["save"]})
+    stopped = meta.get("lora_train.stopped_early", "True") == "True"
+    mtime = (directory / "state.json").stat().st_mtime
+    return Job(
+        id=f"run-{directory.name}",
+        config=cfg,
+        state="stopped" if stopped else "done",
+        phase="Stopped; saved what was trained so far" if stopped else "Done",
+        step=int(info.get("step", 0)),
+        total_steps=int(meta.get("ss_max_train_steps", 0) or 0),
+        epoch=int(info.get("epoch", 0)),
+        output_file=output_file,
+        created_at=float(meta.get("ss_training_started_at", mtime) or mtime),
+        finished_at=float(meta.get("ss_training_finished_at", mtime) or mtime),
+        restored=True,
+        resumable=stopped,
+    )
+
+
+def past_jobs(work_dir: str | os.PathLike, keep: int = 20) -> list[Job]:
+    """The jobs an earlier session recorded under ``work_dir`` (the last ``keep``), plus the runs
+    that left only a resume state; see the module doc."""
+    work_dir = Path(work_dir)
+    records = sorted(work_dir.glob("jobs/*.json"), key=lambda p: p.stat().st_mtime)[-keep:] if keep else []
+    jobs = [j for j in (_quietly(_job_from_record, p, work_dir) for p in records) if j is not None]
+    names = {j.config.save.output_name for j in jobs}
+    states = work_dir / "states"
+    if states.is_dir():
+        for d in sorted(states.iterdir()):
+            job = _quietly(_job_from_state, d) if d.name not in names and d.is_dir() else None
+            if job is not None:
+                jobs.append(job)
+    return jobs
+
+
+def _quietly(build: Any, *args: Any) -> Job | None:
+    """``build(*args)``, or None (logged) when what it reads is damaged."""
+    try:
+        return build(*args)
+    except (OSError, TypeError, ValueError, AttributeError) as e:
+        logger.warning("a past training job could not be read (%s): %s", args[0], e)
+        return None

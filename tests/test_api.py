@@ -287,3 +287,40 @@ def test_dataset_and_resume_problems_are_422_with_their_field(api, tmp_path):
     assert other.json()["field"] == "optim.learning_rate"
     assert "differs from the stopped run of 'tiny'" in other.json()["error"]
     assert len(manager.list()) == 1
+
+
+def test_jobs_of_an_earlier_session_are_listed_and_a_stopped_one_resumes(tmp_path):
+    host = FakeHost(tmp_path)
+    first = JobManager(host)
+    original = host.on_job_progress
+
+    def stop_at_two(job):
+        original(job)
+        if job.step == 2:
+            first.cancel(job.id)
+
+    host.on_job_progress = stop_at_two
+    stopped = first.wait(first.start(TrainConfig.from_dict(body(tmp_path, 20))).id, timeout=120)
+    assert stopped.state == "stopped"
+
+    manager = JobManager(FakeHost(tmp_path))  # the WebUI restarted
+    app = FastAPI()
+    mount(app, manager)
+    with TestClient(app) as client:
+        (listed,) = client.get(f"{PREFIX}/jobs").json()
+        assert (listed["id"], listed["state"], listed["restored"], listed["resumable"]) == (
+            stopped.id,
+            "stopped",
+            True,
+            True,
+        )
+        assert listed["output_file"] == stopped.output_file
+        assert listed["step"] == 2
+        response = client.post(f"{PREFIX}/jobs/{stopped.id}/resume")
+        assert response.status_code == 202, response.text
+        done = wait_done(client, response.json()["id"])
+        assert (done["state"], done["step"], done["output_file"]) == ("done", 20, stopped.output_file)
+        again = client.post(f"{PREFIX}/jobs/{done['id']}/resume")
+        assert again.status_code == 422
+        assert again.json()["field"] == "resume"
+        assert client.post(f"{PREFIX}/jobs/nope/resume").status_code == 404

@@ -9,6 +9,7 @@ from PIL import Image
 
 from lora_trainer.errors import ConfigError, DatasetError, IncompatibleModelError
 from lora_trainer.jobs import JobBusyError, JobManager, UnknownJobError
+from lora_trainer.webui.render import status_html
 from tests.fixtures.host import FakeHost
 from tests.fixtures.training import make_config
 
@@ -259,3 +260,90 @@ def test_a_stopped_job_reports_no_eta(tmp_path):
     assert job.state == "stopped"
     assert job.eta_s is not None  # the last step's estimate ...
     assert job.to_dict()["eta_s"] is None  # ... is not reported once it stopped
+
+
+def _stop_at(manager, host, step):
+    original = host.on_job_progress
+
+    def stop(job):
+        original(job)
+        if job.step == step:
+            manager.cancel(job.id)
+
+    host.on_job_progress = stop
+    return original
+
+
+def _past_runs(tmp_path):
+    """A finished, a failed and a stopped run, by one program session; returns their jobs."""
+    host = FakeHost(tmp_path)
+    manager = JobManager(host)
+    done = manager.wait(manager.start(config(tmp_path, **{"save.output_name": "fine"})).id, timeout=120)
+    original = host.adapter.predict
+    host.adapter.predict = lambda *a, **k: (_ for _ in ()).throw(ValueError("broken step"))
+    failed = manager.wait(manager.start(config(tmp_path, **{"save.output_name": "broken"})).id, timeout=120)
+    host.adapter.predict = original
+    _stop_at(manager, host, 2)
+    stopped = manager.wait(manager.start(config(tmp_path, **{"training.max_train_steps": 50})).id, timeout=120)
+    assert (done.state, failed.state, stopped.state) == ("done", "failed", "stopped")
+    return done, failed, stopped
+
+
+def test_jobs_survive_a_restart_and_a_stopped_one_resumes(tmp_path):
+    done, failed, stopped = _past_runs(tmp_path)
+    assert stopped.resumable
+    assert not done.resumable
+
+    restarted = JobManager(FakeHost(tmp_path))  # a new program session over the same folders
+    listed = {j.id: j for j in restarted.list()}
+    assert list(listed) == [done.id, failed.id, stopped.id]
+    assert all(j.restored for j in listed.values())
+    assert [(j.state, j.resumable) for j in listed.values()] == [("done", False), ("failed", False), ("stopped", True)]
+    assert listed[failed.id].error == failed.error
+    assert listed[stopped.id].output_file == stopped.output_file
+    assert listed[stopped.id].step == 2
+    assert listed[done.id].to_dict()["output_name"] == "fine"
+    with pytest.raises(ConfigError, match="no stopped run"):
+        restarted.resume(done.id)
+    shown = status_html(listed[stopped.id].to_dict())  # the tab's status panel says where it comes from
+    assert "from before the WebUI restarted" in shown
+    assert "press Resume" in shown
+    assert "press Resume" not in status_html(listed[done.id].to_dict())
+
+    resumed = restarted.wait(restarted.resume(stopped.id).id, timeout=300)
+    assert resumed.state == "done", resumed.error
+    assert resumed.step == 50
+    assert resumed.output_file == stopped.output_file  # the stopped run's file is finished
+    assert not listed[stopped.id].resumable  # finished by the resume: nothing left to continue
+    again = {j.id: j for j in JobManager(FakeHost(tmp_path)).list()}
+    assert not again[stopped.id].resumable
+    with pytest.raises(ConfigError, match="no stopped run"):
+        restarted.resume(stopped.id)
+
+
+def test_a_run_the_program_did_not_see_end_is_listed_by_what_it_saved(tmp_path):
+    _, _, stopped = _past_runs(tmp_path)
+    work = FakeHost(tmp_path).work_dir
+    record = work / "jobs" / f"{stopped.id}.json"
+    data = json.loads(record.read_text())
+    record.write_text(json.dumps({**data, "state": "running"}))  # the program ended during the run
+    data["config"]["save"]["output_name"] = "gone"  # a run that ended before it saved anything
+    (work / "jobs" / "job-1-99.json").write_text(json.dumps({**data, "id": "job-1-99", "state": "running"}))
+    (work / "jobs" / "job-1-98.json").write_text("{damaged")
+    jobs = {j.id: j for j in JobManager(FakeHost(tmp_path)).list()}
+    assert jobs[stopped.id].state == "stopped"
+    assert jobs[stopped.id].resumable
+    assert jobs["job-1-99"].state == "failed"
+    assert not jobs["job-1-99"].resumable
+    assert "the WebUI stopped during this run" in jobs["job-1-99"].error
+    assert "job-1-98" not in jobs
+
+    for f in (work / "jobs").iterdir():  # no records at all: the resume state and the LoRA header tell
+        f.unlink()
+    (only,) = JobManager(FakeHost(tmp_path)).list()
+    assert (only.id, only.state, only.resumable, only.step) == ("run-tiny", "stopped", True, 2)
+    assert only.total_steps == 50
+    assert only.output_file == stopped.output_file
+    manager = JobManager(FakeHost(tmp_path))
+    resumed = manager.wait(manager.resume("run-tiny").id, timeout=300)
+    assert (resumed.state, resumed.step) == ("done", 50), resumed.error

@@ -250,3 +250,71 @@ def test_nul_bytes_in_captions_are_removed_with_a_note(tmp_path):
     report = ws.import_folder(src, "x", 10)
     assert (ws.path / "10_x" / "a.txt").read_text(encoding="utf-8") == "blue eyes"
     assert [p.severity for p in report.problems_with("caption_nul")] == ["info"]
+
+
+def _reimport_source(tmp_path) -> Path:
+    src = tmp_path / "shoot"
+    save(pattern(seed=11).convert("RGBA"), src / "5_hero" / "rgba.png")  # Clean flattens it
+    save(pattern(seed=12), src / "5_hero" / "pic.webp", "WEBP")  # Clean converts it to .png
+    (src / "5_hero" / "pic.txt").write_text("hero, smile", encoding="utf-8")
+    save(pattern(seed=13), src / "5_hero" / "photo.jpg", quality=90)
+    return src
+
+
+def test_reimport_after_clean_and_resize_brings_no_second_copy(ws, tmp_path):
+    src = _reimport_source(tmp_path)
+    first = ws.import_folder(src)
+    assert len(first.imported) == 3
+    before = {f: (ws.path / f).read_bytes() for f in files_in(ws)}
+    clean = ws.clean()
+    assert clean.converted >= 2
+    ws.resize_fixed(48)  # rewrites every image (photo.jpg becomes photo.png)
+    cleaned = {f: (ws.path / f).read_bytes() for f in files_in(ws)}
+    assert set(cleaned) != set(before)  # the copies were renamed ...
+    assert all(cleaned[f] != before[f] for f in before.keys() & cleaned.keys() if not f.endswith(".txt"))
+
+    second = ws.import_folder(src)
+    assert second.imported == []
+    assert {f: (ws.path / f).read_bytes() for f in files_in(ws)} == cleaned  # nothing new, nothing changed
+    notes = second.problems_with("already_present")
+    assert len(notes) == 3
+    assert {n.message.split(" as ")[1].split(" ")[0] for n in notes} == {
+        "5_hero/rgba.png",
+        "5_hero/pic.png",
+        "5_hero/photo.png",
+    }
+    assert "3 already in the workspace" in second.summary()
+
+
+def test_reimport_record_follows_a_repeats_change_and_a_deleted_copy_comes_back(ws, tmp_path):
+    src = _reimport_source(tmp_path)
+    ws.import_folder(src)
+    ws.clean()
+    assert ws.set_repeats("5_hero", 2) == "2_hero"
+    (ws.path / "2_hero" / "pic.png").unlink()  # the user deleted one copy: importing again restores it
+    again = ws.import_folder(src)
+    assert [f.path for f in again.imported] == ["5_hero/pic.webp"]
+    assert len(again.problems_with("already_present")) == 2
+
+
+def test_the_same_source_into_another_concept_is_a_new_copy(ws, tmp_path):
+    src = _reimport_source(tmp_path)
+    ws.import_folder(src)
+    other = ws.import_folder(src / "5_hero", concept="villain")  # the folder's own name sets the concept ...
+    assert other.imported == []
+    moved = tmp_path / "villain"
+    (src / "5_hero").rename(moved)  # ... so the same files under another concept folder name
+    again = ws.import_folder(moved)
+    assert sorted(f.path for f in again.imported) == ["1_villain/photo.jpg", "1_villain/pic.webp", "1_villain/rgba.png"]
+
+
+def test_reimport_after_removing_exact_duplicates_brings_none_back(ws, tmp_path):
+    src = tmp_path / "twins"
+    save(pattern(seed=21), src / "a.png")
+    (src / "b.png").write_bytes((src / "a.png").read_bytes())
+    ws.import_folder(src)
+    report = ws.find_duplicates(remove_exact=True)
+    assert len(report.removed) == 1
+    again = ws.import_folder(src)
+    assert again.imported == []
+    assert len([f for f in files_in(ws) if f.endswith(".png")]) == 1

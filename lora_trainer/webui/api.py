@@ -6,9 +6,11 @@ Routes (JSON in and out)::
     GET  /lora-train/v1/presets             [{name, description, source, config}]
     GET  /lora-train/v1/model               the loaded model: {family, checkpoint, vae, problem}
     POST /lora-train/v1/jobs                start a job -> 202 with its status
-    GET  /lora-train/v1/jobs                every job kept, oldest first
+    GET  /lora-train/v1/jobs                every job kept, oldest first (with those of earlier sessions:
+                                            ``restored``; a stopped one with its resume state: ``resumable``)
     GET  /lora-train/v1/jobs/{id}           one job; ?losses=true adds the loss of every step
     POST /lora-train/v1/jobs/{id}/cancel    ask a job to stop (it saves what it trained) -> 202
+    POST /lora-train/v1/jobs/{id}/resume    continue a resumable job with its settings -> 202, the new job
     POST /lora-train/v1/plan                the memory and time plan of a config (same body as /jobs):
                                             estimated peak vs free memory, parts, s/step, what to change
 
@@ -34,6 +36,7 @@ import base64
 import binascii
 import copy
 import dataclasses
+import functools
 import math
 import secrets
 from collections.abc import Callable, Mapping
@@ -50,7 +53,7 @@ from starlette.exceptions import HTTPException
 from lora_trainer.config import TrainConfig, get_preset, list_presets, load_preset
 from lora_trainer.credentials import parse_credentials
 from lora_trainer.errors import ConfigError, DatasetError, IncompatibleModelError, LoraTrainerError
-from lora_trainer.jobs import JobBusyError, JobManager, UnknownJobError
+from lora_trainer.jobs import Job, JobBusyError, JobManager, UnknownJobError
 from lora_trainer.log import logger
 
 __all__ = ["PREFIX", "ApiError", "config_from_request", "create_router", "mount"]
@@ -216,6 +219,15 @@ def _preset_json(name: str, preset_dir: Path) -> dict[str, Any]:
     }
 
 
+async def _starting(manager: JobManager, start: Callable[[], Job]) -> Job:
+    """Run ``start`` (a job start) off the event loop; a model that cannot train is 409, none loaded 503."""
+    try:
+        return await run_in_threadpool(start)
+    except IncompatibleModelError as e:
+        info = await run_in_threadpool(manager.host.model_info)
+        raise ApiError(409 if info.checkpoint else 503, str(e)) from None
+
+
 def create_router(
     manager: JobManager,
     *,
@@ -259,11 +271,7 @@ def create_router(
     async def start(request: Request) -> JSONResponse:
         payload = await _json_body(request)
         cfg, resume = config_from_request(payload, presets_at)
-        try:
-            job = await run_in_threadpool(manager.start, cfg, resume=resume)
-        except IncompatibleModelError as e:
-            info = await run_in_threadpool(manager.host.model_info)
-            raise ApiError(409 if info.checkpoint else 503, str(e)) from None
+        job = await _starting(manager, functools.partial(manager.start, cfg, resume=resume))
         return job_json(job, status=202)
 
     @router.post(
@@ -297,6 +305,11 @@ def create_router(
     @router.post("/jobs/{job_id}/cancel", status_code=202, summary="Ask a job to stop (it saves what it trained)")
     def cancel(job_id: str) -> JSONResponse:
         return job_json(manager.cancel(job_id), status=202)
+
+    @router.post("/jobs/{job_id}/resume", status_code=202, summary="Continue a stopped job with its settings")
+    async def resume(job_id: str) -> JSONResponse:
+        job = await _starting(manager, functools.partial(manager.resume, job_id))
+        return job_json(job, status=202)
 
     return router
 

@@ -125,6 +125,9 @@ def status_html(job: dict[str, Any] | None) -> str:
         html.append(message_html(job["error"]))
     if job.get("output_file"):
         html.append(f'<div class="lora_train_saved">Saved <code>{escape(job["output_file"])}</code></div>')
+    if job.get("restored"):
+        again = " The settings above are its settings: press Resume to continue it." if job.get("resumable") else ""
+        html.append(f'<div class="lora_train_restored">This run is from before the WebUI restarted.{again}</div>')
     html.append("</div>")
     return "".join(html)
 

@@ -6,8 +6,9 @@ a zip over :class:`ImportLimits` (members, total size, compression ratio: zip bo
 as a whole with a :class:`~lora_trainer.errors.DatasetError` before anything is read from it;
 the bytes members actually unpack to are counted too (declared sizes can lie), and reading stops
 with the same error once they pass those limits.
-Copies go through a hidden temporary file and stop at a byte limit. What the entries become in
-a workspace is :mod:`lora_trainer.workshop.importer`'s business.
+Copies go through a hidden temporary file, stop at a byte limit and give the source's SHA-256;
+:class:`FolderIndex` finds an earlier copy of a source in a concept folder by name and bytes.
+What the entries become in a workspace is :mod:`lora_trainer.workshop.importer`'s business.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
 import os
 import re
 import stat
@@ -28,6 +30,7 @@ from lora_trainer.data.layout import is_hidden_entry, special_file_kind
 from lora_trainer.errors import DatasetError
 
 __all__ = [
+    "FolderIndex",
     "ImportLimits",
     "ImportNotes",
     "MiB",
@@ -438,10 +441,15 @@ def read_limited(entry: SourceEntry, limit: int) -> bytes:
     return data
 
 
-def copy_limited(entry: SourceEntry, dest: Path, limit: int) -> None:
-    """Copy ``entry`` to ``dest`` through a hidden temporary file; at most ``limit`` bytes."""
+def copy_limited(
+    entry: SourceEntry, dest: Path, limit: int, keep: Callable[[str], bool] | None = None
+) -> tuple[str, bool]:
+    """Copy ``entry`` to ``dest`` through a hidden temporary file; at most ``limit`` bytes.
+    Returns (SHA-256 of the bytes, whether ``dest`` was written): when ``keep`` is given and
+    says no for the digest, the copy is dropped and nothing is written."""
     tmp = dest.with_name(f".{dest.name}.import.tmp")
     n = 0
+    digest = hashlib.sha256()
     try:
         with entry.open() as src, open(tmp, "wb") as out:
             while True:
@@ -451,12 +459,17 @@ def copy_limited(entry: SourceEntry, dest: Path, limit: int) -> None:
                 n += len(chunk)
                 if n > limit:
                     raise TooLarge
+                digest.update(chunk)
                 out.write(chunk)
+        if keep is not None and not keep(digest.hexdigest()):
+            os.unlink(tmp)
+            return digest.hexdigest(), False
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return digest.hexdigest(), True
 
 
 def same_content(entry: SourceEntry, path: Path) -> bool:
@@ -473,3 +486,37 @@ def same_content(entry: SourceEntry, path: Path) -> bool:
                     return True
     except (OSError, zipfile.BadZipFile):
         return False
+
+
+# -- the workspace side: earlier copies ---------------------------------------------------------
+
+
+class FolderIndex:
+    """The names in a concept folder, by lower-case (stem, ext) and by stem without a ``_<n>``
+    suffix, for finding earlier imports of a file."""
+
+    _SUFFIX = re.compile(r"_\d+$")
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.by_key: dict[tuple[str, str], list[str]] = {}
+        self.stems: set[str] = set()
+        if folder.is_dir():
+            for name in sorted(os.listdir(folder)):
+                self.add(name)
+
+    def add(self, name: str) -> None:
+        stem, ext = os.path.splitext(name)
+        self.stems.add(stem.lower())
+        keys = {(stem.lower(), ext.lower()), (self._SUFFIX.sub("", stem).lower(), ext.lower())}
+        for k in keys:
+            self.by_key.setdefault(k, []).append(name)
+
+    def already_present(self, entry: SourceEntry, stem: str, ext: str) -> Path | None:
+        """An earlier import of ``entry``: same bytes, named ``stem`` or ``stem_<n>`` (a collision
+        rename). Identical files under other names are not matched: those are duplicates for
+        find_duplicates() to flag, not re-imports."""
+        for name in self.by_key.get((stem.lower(), ext.lower()), []):
+            if same_content(entry, self.folder / name):
+                return self.folder / name
+        return None

@@ -14,6 +14,9 @@ caption in ``<name>.txt`` beside it:
   decoded with a fallback and written as UTF-8; multi-line captions are joined into one line.
 * Names that are not valid UTF-8 or longer than :data:`~lora_trainer.workshop.fsutil.MAX_STEM_BYTES`
   bytes get a safe name (reported as ``renamed``, saying why).
+* Sources already imported are skipped (``already_present``): same bytes under the same name, or
+  a SHA-256 recorded at an earlier import (:func:`~lora_trainer.workshop.store.source_records`,
+  kept pointing at the copy whatever Clean or Resize did to it).
 * Name collisions (``a.png`` and ``a.jpg`` share the caption ``a.txt``; ``x/a.png`` and
   ``y/a.png`` flatten to one name) get unique names (``a_2.jpg``) and a report line.
 * Skipped and reported: hidden files and folders (``.*``, ``__MACOSX``, ``Thumbs.db``),
@@ -32,8 +35,8 @@ Images are copied byte for byte; :meth:`Workspace.clean` converts and checks the
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-import re
 import zipfile
 import zlib
 from collections.abc import Iterable, Sequence
@@ -46,6 +49,7 @@ from lora_trainer.data.layout import (
     CAPTION_EXTENSIONS,
     IMAGE_EXTENSIONS,
     WORKSHOP_IMAGE_EXTENSIONS,
+    WORKSHOP_STATE_DIR,
     is_hidden_name,
     parse_subset_folder,
 )
@@ -59,6 +63,7 @@ from lora_trainer.workshop.fsutil import (
     unique_stem,
 )
 from lora_trainer.workshop.import_sources import (
+    FolderIndex,
     ImportLimits,
     MiB,
     SourceEntry,
@@ -68,13 +73,13 @@ from lora_trainer.workshop.import_sources import (
     is_inside,
     member_problem,
     read_limited,
-    same_content,
     source_parts,
     upload_entry,
     zip_entries,
 )
 from lora_trainer.workshop.layout import concept_folder_name
 from lora_trainer.workshop.report import Report, some
+from lora_trainer.workshop.store import record_sources, source_records
 
 __all__ = [
     "ImportReport",
@@ -127,44 +132,21 @@ class ImportReport(Report):
         self.skipped += other.skipped
 
     def summary(self) -> str:
+        present = len(self.problems_with("already_present"))
         return (
             f"Imported {len(self.imported)} image(s) from {self.source} into "
-            f"{len(self.concept_folders)} folder(s); {self.skipped} file(s) skipped, {len(self.problems)} note(s)."
+            f"{len(self.concept_folders)} folder(s); {self.skipped} file(s) skipped"
+            + (f" ({present} already in the workspace)" if present else "")
+            + f", {len(self.problems)} note(s)."
         )
 
 
 # -- the workspace side ----------------------------------------------------------------------------
 
 
-class _FolderIndex:
-    """The names in a concept folder, by lower-case (stem, ext) and by stem without a ``_<n>``
-    suffix, for finding earlier imports of a file."""
-
-    _SUFFIX = re.compile(r"_\d+$")
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.by_key: dict[tuple[str, str], list[str]] = {}
-        self.stems: set[str] = set()
-        if folder.is_dir():
-            for name in sorted(os.listdir(folder)):
-                self.add(name)
-
-    def add(self, name: str) -> None:
-        stem, ext = os.path.splitext(name)
-        self.stems.add(stem.lower())
-        keys = {(stem.lower(), ext.lower()), (self._SUFFIX.sub("", stem).lower(), ext.lower())}
-        for k in keys:
-            self.by_key.setdefault(k, []).append(name)
-
-    def already_present(self, entry: SourceEntry, stem: str, ext: str) -> Path | None:
-        """An earlier import of ``entry``: same bytes, named ``stem`` or ``stem_<n>`` (a collision
-        rename). Identical files under other names are not matched: those are duplicates for
-        find_duplicates() to flag, not re-imports."""
-        for name in self.by_key.get((stem.lower(), ext.lower()), []):
-            if same_content(entry, self.folder / name):
-                return self.folder / name
-        return None
+def _concept_key(folder: str) -> str | None:
+    parsed = parse_subset_folder(folder)
+    return parsed[1].lower() if parsed is not None else None
 
 
 def _target_ext(ext: str) -> str:
@@ -172,10 +154,9 @@ def _target_ext(ext: str) -> str:
 
 
 def _read_caption(entry: SourceEntry, report: ImportReport) -> str | None:
-    if entry.size > _MAX_CAPTION_BYTES:
-        report.add("too_large", entry.display, f"Skipped caption {entry.display}: larger than 1 MiB.")
-        return None
     try:
+        if entry.size > _MAX_CAPTION_BYTES:
+            raise TooLarge
         data = read_limited(entry, _MAX_CAPTION_BYTES)
     except TooLarge:
         report.add("too_large", entry.display, f"Skipped caption {entry.display}: larger than 1 MiB.")
@@ -231,8 +212,10 @@ class _ImportRun:
         self.captions: dict[_CaptionKey, dict[str, SourceEntry]] = {}
         self.by_key: dict[_CaptionKey, list[SourceEntry]] = {}
         self.caption_cache: dict[_CaptionKey, tuple[str | None, str | None]] = {}
-        self.indexes: dict[Path, _FolderIndex] = {}
+        self.indexes: dict[Path, FolderIndex] = {}
         self.created: list[Path] = []
+        self.known = source_records(workspace)  # the sources of earlier imports, by SHA-256
+        self.recorded: dict[str, str] = {}  # this run's: SHA-256 -> workspace-relative path
 
     def run(self, entries: Iterable[SourceEntry]) -> None:
         for e in entries:
@@ -242,6 +225,7 @@ class _ImportRun:
         self._report_orphan_captions()
         for e in sorted(self.images, key=lambda x: x.parts):
             self._import_image(e)
+        record_sources(self.workspace, self.recorded)
         for folder in self.created:  # folders whose every image failed
             with contextlib.suppress(OSError):
                 folder.rmdir()
@@ -307,13 +291,13 @@ class _ImportRun:
                 return parsed[0], parsed[1] or self.default_concept
         return self.default_repeats, self.default_concept
 
-    def _folder_index(self, folder: Path) -> _FolderIndex:
+    def _folder_index(self, folder: Path) -> FolderIndex:
         if not folder.is_dir():
             folder.mkdir(parents=True)
             self.created.append(folder)
         index = self.indexes.get(folder)
         if index is None:
-            index = self.indexes[folder] = _FolderIndex(folder)
+            index = self.indexes[folder] = FolderIndex(folder)
         return index
 
     def _import_image(self, e: SourceEntry) -> None:
@@ -339,11 +323,11 @@ class _ImportRun:
             return
         new_stem = unique_stem(stem, index.stems)
         dest = folder / (new_stem + ext)
-        if not self._copy(e, dest):
+        rel = f"{folder_name}/{dest.name}"
+        if not self._copy(e, dest, rel):
             index.stems.discard(new_stem.lower())
             return
         index.add(dest.name)
-        rel = f"{folder_name}/{dest.name}"
         if new_stem != e.stem:
             why = "to avoid a name collision" if new_stem != stem else rename_reason(e.stem)
             self.report.add("renamed", e.display, f"{e.display} was saved as {rel} {why}.", "info")
@@ -352,10 +336,22 @@ class _ImportRun:
         self.report.imported.append(ImportedFile(e.display, rel, folder_name, source))
         self.report.concept_folders[folder_name] = self.report.concept_folders.get(folder_name, 0) + 1
 
-    def _copy(self, e: SourceEntry, dest: Path) -> bool:
-        """Copy ``e`` to ``dest``; False (reported, skipped) when it cannot be read or is too large."""
+    def _new_source(self, digest: str, folder: str) -> bool:
+        """False when an earlier import left a copy of a source with this SHA-256, still there, in a
+        folder of the same concept as ``folder`` (any repeats; also when set aside in ``.workshop/``)."""
+        rel = self.known.get(digest)
+        if rel is None or not os.path.isfile(self.workspace / rel):
+            return True
+        parts = rel.split("/")
+        other = parts[2] if parts[0] == WORKSHOP_STATE_DIR and len(parts) > 3 else parts[0]
+        return _concept_key(other) != _concept_key(folder)
+
+    def _copy(self, e: SourceEntry, dest: Path, rel: str) -> bool:
+        """Copy ``e`` to ``dest`` (``rel`` in the workspace) and record its source; False (reported,
+        skipped) when it cannot be read, is too large, or an earlier import already brought it in."""
         try:
-            copy_limited(e, dest, self.limits.max_file_bytes)
+            keep = functools.partial(self._new_source, folder=rel.split("/")[0])
+            digest, written = copy_limited(e, dest, self.limits.max_file_bytes, keep=keep)
         except TooLarge:
             self._skip("too_large", e, f"Skipped {e.display}: larger than the limit per file.")
             return False
@@ -369,6 +365,15 @@ class _ImportRun:
                 "error",
             )
             return False
+        if not written:
+            self._skip(
+                "already_present",
+                e,
+                f"{e.display} is already in the workspace as {self.known[digest]} (imported before).",
+                "info",
+            )
+            return False
+        self.recorded[digest] = rel
         return True
 
     # -- captions

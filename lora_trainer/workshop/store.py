@@ -1,5 +1,8 @@
 """The caption store: one ``<image stem>.txt`` beside each image, read and written atomically,
-plus the one-level undo of bulk caption edits (``.workshop/undo.json``).
+plus the one-level undo of bulk caption edits (``.workshop/undo.json``) and the record of the
+imported sources (``.workshop/sources.json``: the SHA-256 of each source file -> the workspace
+file it became, kept pointing at that file when the workshop converts, renames or moves it, so a
+re-import recognises its sources whatever was done to their copies since).
 
 Every writer in the workshop (captioners, the tag editor, imports) goes through here, so there
 is exactly one caption store, the one kohya's training reads.
@@ -27,8 +30,11 @@ __all__ = [
     "caption_file",
     "has_both_captions",
     "join_tags",
+    "move_source_records",
     "read_caption",
+    "record_sources",
     "save_undo",
+    "source_records",
     "tag_key",
     "undo_info",
     "undo_last",
@@ -36,6 +42,7 @@ __all__ = [
 ]
 
 UNDO_FILE = "undo.json"
+SOURCES_FILE = "sources.json"
 _SPACES = re.compile(r"\s+")
 
 
@@ -188,3 +195,49 @@ def undo_last(root: Path) -> UndoReport:
     state_dir(root, UNDO_FILE).unlink()
     report.undone = True
     return report
+
+
+# -- imported sources ------------------------------------------------------------------------------
+
+
+def source_records(root: Path) -> dict[str, str]:
+    """The imported sources: SHA-256 of a source file -> workspace-relative path of its copy now.
+    An unreadable or damaged record reads as empty (a re-import then finds copies by name only)."""
+    try:
+        data = json.loads(state_dir(root, SOURCES_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict):
+        return {}
+    return {str(k): v for k, v in files.items() if isinstance(v, str)}
+
+
+def _save_sources(root: Path, files: Mapping[str, str]) -> None:
+    path = state_dir(root, SOURCES_FILE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"version": 1, "files": dict(sorted(files.items()))})
+
+
+def record_sources(root: Path, new: Mapping[str, str]) -> None:
+    """Add imported sources (SHA-256 -> workspace-relative path) to the record."""
+    if new:
+        _save_sources(root, {**source_records(root), **new})
+
+
+def move_source_records(
+    root: Path, moves: Mapping[str, str] | None = None, folders: Mapping[str, str] | None = None
+) -> None:
+    """Keep the record pointing at the copies after they moved: ``moves`` maps old to new
+    workspace-relative file paths, ``folders`` old to new concept folder names."""
+    moves, folders = moves or {}, folders or {}
+    files = source_records(root)
+    changed = False
+    for digest, rel in files.items():
+        head, sep, tail = rel.partition("/")
+        new = moves.get(rel) or (folders[head] + sep + tail if sep and head in folders else None)
+        if new is not None and new != rel:
+            files[digest] = new
+            changed = True
+    if changed:
+        _save_sources(root, files)

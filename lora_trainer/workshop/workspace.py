@@ -54,7 +54,7 @@ from lora_trainer.workshop.layout import (
 )
 from lora_trainer.workshop.report import Report
 from lora_trainer.workshop.resources import WORKSHOP_MAX_PIXELS
-from lora_trainer.workshop.store import UndoReport, caption_file, undo_info, undo_last
+from lora_trainer.workshop.store import UndoReport, caption_file, move_source_records, undo_info, undo_last
 
 __all__ = ["ConceptInfo", "Workspace", "WorkspaceSummary"]
 
@@ -291,6 +291,7 @@ class Workspace:
         if (self.path / new).exists():
             raise DatasetError(f"Cannot rename {folder} to {new}: that folder already exists. Merge them by hand.")
         os.replace(src, self.path / new)
+        move_source_records(self.path, folders={folder: new})
         return new
 
     # -- cleaning, duplicates, sizes
@@ -304,7 +305,9 @@ class Workspace:
     ) -> CleanReport:
         """Convert every image to an upright 8-bit RGB PNG/JPEG (transparency onto ``background``),
         set aside unusable files. See :mod:`lora_trainer.workshop.cleaning`."""
-        return clean_workspace(self.path, background=background, max_pixels=max_pixels, progress=progress)
+        report = clean_workspace(self.path, background=background, max_pixels=max_pixels, progress=progress)
+        move_source_records(self.path, {f.original: f.path for f in report.files})
+        return report
 
     def find_duplicates(
         self,
@@ -314,9 +317,11 @@ class Workspace:
         remove_exact: bool = False,
     ) -> DuplicateReport:
         """Flag exact and near duplicates; ``remove_exact`` moves extra exact copies aside."""
-        return find_duplicates(
+        report = find_duplicates(
             self.path, threshold=threshold, color_tolerance=color_tolerance, remove_exact=remove_exact
         )
+        move_source_records(self.path, {r["path"]: r["moved_to"] for r in report.removed})
+        return report
 
     def bucket_report(
         self,
@@ -356,9 +361,13 @@ class Workspace:
     ) -> sizing.ResizeReport:
         """Resize every image to ``width`` x ``height`` (square if no height), cropping by ``crop``
         (center, focal, point). Full-size originals are kept in ``.workshop/originals/``."""
-        return sizing.resize_fixed(
+        report = sizing.resize_fixed(
             self.path, width, height or width, crop=crop, points=points, upscale=upscale, progress=progress
         )
+        # a resized image may change its suffix (a.jpg -> a.png): its record follows it
+        moves = {(Path(r.path).parent / Path(r.original).name).as_posix(): r.path for r in report.resized}
+        move_source_records(self.path, moves)
+        return report
 
     # -- captions and tags
 
