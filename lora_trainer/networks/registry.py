@@ -31,7 +31,12 @@ if TYPE_CHECKING:
 NETWORK_MODULES: dict[str, str] = {"networks.lora": "lora"}
 """kohya ``network_module`` -> our algorithm name."""
 
-ALGORITHM_MODULES: dict[str, str] = {"lora": "lora_trainer.networks.lora"}
+ALGORITHM_MODULES: dict[str, str] = {
+    "lora": "lora_trainer.networks.lora",
+    "dora": "lora_trainer.networks.dora",
+    "loha": "lora_trainer.networks.loha",
+    "lokr": "lora_trainer.networks.lokr",
+}
 """Built-in algorithm name -> the module that defines and registers it (imported on first use)."""
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -43,7 +48,7 @@ def register_algorithm(name: str, cls: type[NetworkModule]) -> type[NetworkModul
 
     Sets ``cls.algorithm = name``. A module that is reloaded registers its class again under
     the same name: that replaces the old class. Raises ``ValueError`` for a bad or taken name, ``TypeError``
-    for a class that is not a ``NetworkModule`` with ``weight_keys``.
+    for a class that is not a ``NetworkModule`` with ``weight_keys`` (or its own ``detect``).
     """
     from lora_trainer.networks.base import NetworkModule  # here, so importing the registry needs no torch
 
@@ -53,7 +58,7 @@ def register_algorithm(name: str, cls: type[NetworkModule]) -> type[NetworkModul
         raise ValueError(f"algorithm {name!r} is already registered ({_ALGORITHMS[name].__qualname__})")
     if not (isinstance(cls, type) and issubclass(cls, NetworkModule)):
         raise TypeError(f"algorithm {name!r}: {cls!r} is not a NetworkModule subclass")
-    if not cls.weight_keys:
+    if not cls.weight_keys and cls.detect.__func__ is NetworkModule.detect.__func__:
         raise TypeError(f"algorithm {name!r}: {cls.__qualname__} declares no weight_keys")
     taken = next((n for n, c in _ALGORITHMS.items() if c is cls and n != name), None)
     if taken is not None:
