@@ -86,6 +86,9 @@ class ModelAdapter(Protocol):
         model_hash: the checkpoint's hash if known, else "" (``ss_new_sd_model_hash``).
         vae_name: the VAE in use, for metadata and the latent-cache key ("" if built in).
 
+    Optional: ``model_legacy_hash`` (str), the checkpoint's old 8-hex WebUI hash
+    (``ss_sd_model_hash``; "" or absent when unknown).
+
     Optional: ``default_clip_skip`` (int), the host's own clip-skip setting, used when the
     config leaves ``training.clip_skip`` unset (1 when the adapter has none).
 
@@ -126,6 +129,7 @@ class ModelAdapter(Protocol):
         clip_skip: int = 1,
         max_token_length: int = 75,
         size_cond: Sequence[SizeCond] | None = None,
+        weighted_captions: bool = False,
     ) -> Conditioning:
         """Turn captions into conditioning, differentiably w.r.t. any LoRA on the text encoders.
 
@@ -133,6 +137,8 @@ class ModelAdapter(Protocol):
         max_token_length: 75, 150 or 225; captions are split into 75-token chunks, each
             encoded as its own 77-token window and concatenated (the WebUI's way).
         size_cond: SDXL only, one per caption.
+        weighted_captions: read captions in the host's prompt syntax (emphasis such as ``(x:1.2)``,
+            ``BREAK``, textual-inversion names); False (kohya's default): the text as it is.
         """
         ...
 

@@ -33,7 +33,9 @@ from lora_trainer.errors import IncompatibleModelError
 
 UNET_ATTENTION_CLASSES = ("SpatialTransformer",)
 UNET_CONV_CLASSES = ("ResBlock", "Downsample", "Upsample")
-HF_CLIP_CLASSES = ("CLIPAttention", "CLIPMLP")
+# Newer transformers pick the attention class by implementation (eager, SDPA, flash); all have
+# the same q/k/v/out_proj layers and kohya keys.
+HF_CLIP_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 OPENCLIP_BLOCK_CLASSES = ("ResidualAttentionBlock",)
 
 TE_PREFIXES = {"te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}

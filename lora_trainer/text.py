@@ -5,7 +5,9 @@ The WebUI (``modules/sd_hijack_clip.py``) handles longer prompts by cutting the 
 into chunks of 75, wrapping each chunk as ``bos + chunk + eos`` padded to 77, encoding every
 window on its own and concatenating the outputs along the sequence axis, so the context is
 ``(B, 77 * n_chunks, C)``. Both the test adapter and the WebUI adapter use this module, so
-the trainer conditions the UNet exactly as the WebUI does at generation time.
+the trainer conditions the UNet exactly as the WebUI does at generation time. (kohya's
+sd-scripts differ here on purpose: for ``max_token_length`` 225 they build one bos + 225 + eos
+sequence, padded, for every caption; this layout is the one the LoRA is used with.)
 
 Window layout (what the WebUI's ``process_tokens`` ends up with)::
 

@@ -60,6 +60,7 @@ def changed_config() -> TrainConfig:
             "dataset.train_data_dir": 'C:\\data\\my "lora"\\train',
             "dataset.trigger_words": ["mychar", "ünïcode wörd"],
             "dataset.caption_extension": ".caption",
+            "dataset.dataset_repeats": 4,
             "dataset.resolution": "768,512",
             "dataset.enable_bucket": False,
             "dataset.min_bucket_reso": 320,
@@ -73,6 +74,7 @@ def changed_config() -> TrainConfig:
             "dataset.caption_tag_dropout_rate": 0.1,
             "dataset.caption_dropout_every_n_epochs": 3,
             "dataset.max_token_length": 150,
+            "dataset.weighted_captions": True,
             "dataset.cache_latents": False,
             "dataset.cache_latents_to_disk": True,  # invalid without cache_latents: still round-trips
             "dataset.cache_text_encoder_outputs": True,  # invalid with shuffle_caption: still round-trips
@@ -481,14 +483,17 @@ def test_reads_the_kohya_trainer_notebook_config_file(toml_reader, log_records):
 def test_kohya_trainer_preset_matches_the_notebook():
     notebook = parse_toml(NOTEBOOK_CONFIG_FILE).config.to_flat()
     preset = PRESETS["kohya-trainer"].config.to_flat()
-    # these come from the notebook's dataset_config.toml, or are output/preview settings the preset leaves out
+    # these come from the notebook's dataset_config.toml and folder layout (its "10_<class>" folder is the
+    # flat folder's 10 repeats), its demo prompt (kohya's sample_prompts is a file), or are output
+    # settings the preset leaves out
     elsewhere = {
         "dataset.caption_extension",
         "dataset.enable_bucket",
         "dataset.shuffle_caption",
+        "dataset.dataset_repeats",
         "save.output_name",
         "save.output_dir",
-        "sample.sample_every_n_epochs",
+        "sample.sample_prompts",
     }
     differ = {path for path in notebook if notebook[path] != preset[path]}
     assert differ == elsewhere
@@ -501,6 +506,9 @@ def test_kohya_trainer_preset_matches_the_notebook():
         True,
         True,
     )
+    assert preset["sample.sample_every_n_epochs"] == notebook["sample.sample_every_n_epochs"] == 1
+    assert len(preset["sample.sample_prompts"]) == 1
+    assert preset["dataset.dataset_repeats"] == 10
 
 
 def test_kohya_style_flat_toml_with_network_args(toml_reader):
@@ -620,6 +628,7 @@ def test_not_strict_ignores_unknown_settings():
 
 # (dotted updates on a valid config, field named, words in the message)
 INVALID = [
+    ({"dataset.dataset_repeats": 0}, "dataset.dataset_repeats", "from 1 to 10000"),
     ({"network.network_dim": 0}, "network.network_dim", "must be an integer from 1 to 1024, got 0"),
     ({"network.network_dim": 2048}, "network.network_dim", "from 1 to 1024"),
     ({"network.network_alpha": 0}, "network.network_alpha", "greater than 0"),

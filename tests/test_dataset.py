@@ -410,9 +410,10 @@ def test_batch_contents(mixed_dir):
             expected = torch.tensor(colour, dtype=torch.float32) / 127.5 - 1
             assert torch.allclose(batch["pixels"][j].mean(dim=(1, 2)), expected, atol=0.02)
     wide = ds.load_batch([next(i for i, it in enumerate(items) if it.subset_name == "4_wide")])
-    # 96x48 -> 96x48 covers the 80x48 bucket: centre crop removes 8 columns on the left
+    # 96x48 covers the 80x48 bucket (8 columns cropped each side); the SDXL conditioning is
+    # kohya's: fitted inside the bucket it is 80x40, a margin of (48 - 40) // 2 = 4 on top
     assert wide["bucket"] == (80, 48)
-    assert wide["crop_top_lefts"] == [(0, 8)]
+    assert wide["crop_top_lefts"] == [(4, 0)]
     with pytest.raises(ValueError, match=r"batch mixes buckets"):
         ds.load_batch([0, len(items) - 1])  # different buckets
     with pytest.raises(IndexError):

@@ -85,3 +85,20 @@ def test_kohya_names_without_a_model_equal_kohya(family, conv):
     names = kohya_names(family, conv=conv)
     assert len(names) == len(set(names))
     assert set(names) == {m["kohya"] for m in golden(family) if conv or not m["conv_dim_only"]}
+
+
+@pytest.mark.parametrize("attention_class", ["CLIPSdpaAttention", "CLIPFlashAttention2"])
+def test_newer_transformers_attention_classes_give_the_same_keys(attention_class):
+    # transformers >= 4.41 builds CLIPSdpaAttention / CLIPFlashAttention2 instead of CLIPAttention
+    root = build_webui_model("sd1", size="full", device="meta")
+    _, text_encoders = components(root, "sd1")
+    renamed = 0
+    for module in root.modules():
+        if type(module).__name__ == "CLIPAttention":
+            module.__class__ = type(attention_class, (type(module),), {})
+            renamed += 1
+    assert renamed
+    keys = {t.key for t in find_targets("sd1", None, text_encoders)}
+    expected = {m["kohya"] for m in golden("sd1") if m["kohya"].startswith("lora_te") and not m["conv_dim_only"]}
+    assert keys == expected
+    assert any("self_attn_q_proj" in k for k in keys)

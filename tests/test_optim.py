@@ -44,7 +44,7 @@ def _sgd_opt(lr=1.0):
         ("adamw", 0.1, "betas=(0.9, 0.99) weight_decay=0.0", 0.1),
         ("Lion", 0.02, None, 0.7),
         ("Prodigy", 1.0, None, 0.2),
-        ("Adafactor", 0.1, None, 0.1),
+        ("Adafactor", 0.1, "relative_step=False", 0.1),
         ("Adafactor", None, None, 0.9),  # relative_step: its own step size
     ],
 )
@@ -180,9 +180,18 @@ def test_prodigy_warns_on_low_lr(lt_caplog):
     assert "1.0" in warnings[0]
 
 
-def test_adafactor_defaults_follow_lr():
+def test_adafactor_defaults_are_kohyas():
     w, _ = _problem()
-    fixed = optim.build_optimizer("Adafactor", [w], 1e-3)
+    # kohya: relative_step=True unless optimizer_args say otherwise, even with a learning rate,
+    # which becomes the AdafactorSchedule's initial value
+    default = optim.build_optimizer("Adafactor", [w], 1e-3)
+    g = default.param_groups[0]
+    assert (g["relative_step"], g["scale_parameter"], g["warmup_init"]) == (True, True, False)
+    sched = optim.build_scheduler("constant", default, num_training_steps=10)
+    assert type(sched).__name__ == "AdafactorSchedule"
+    assert sched.get_lr() == [1e-3]
+
+    fixed = optim.build_optimizer("Adafactor", [w], 1e-3, ["relative_step=False"])
     g = fixed.param_groups[0]
     assert (g["relative_step"], g["scale_parameter"], g["warmup_init"]) == (False, False, False)
     assert g["lr"] == 1e-3
@@ -225,6 +234,30 @@ def test_optimizer_args_reach_the_optimizer_and_bad_ones_raise():
     with pytest.raises(ConfigError) as ei:
         optim.build_optimizer("AdamW", [w], -1.0)
     assert ei.value.field == "optim.learning_rate"
+
+
+def test_adamw_is_torchs_foreach_and_equals_its_per_tensor_loop():
+    """The default AdamW is the multi-tensor one (not fused, which rounds differently); on tensors of which
+    some get no gradient in a step, its weights equal ``foreach=False``'s bit for bit."""
+    params = {
+        mode: [torch.nn.Parameter(torch.full((4, 3), float(i + 1))) for i in range(4)] for mode in ("ours", "ref")
+    }
+    ours = optim.build_optimizer("AdamW", params["ours"], 1e-2, {"weight_decay": 0.1})
+    assert ours.defaults["foreach"] is True
+    assert not ours.defaults["fused"]
+    ref = torch.optim.AdamW(params["ref"], lr=1e-2, weight_decay=0.1, foreach=False)
+    g = torch.Generator().manual_seed(0)
+    for step in range(5):
+        grads = [None if (i + step) % 3 == 0 else torch.randn(4, 3, generator=g) for i in range(4)]
+        for opt, ps in ((ours, params["ours"]), (ref, params["ref"])):
+            for p, grad in zip(ps, grads, strict=True):
+                p.grad = None if grad is None else grad.clone()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert all(torch.equal(a, b) for a, b in zip(params["ours"], params["ref"], strict=True))
+    fused = optim.build_optimizer("AdamW", [torch.nn.Parameter(torch.zeros(2))], 1e-2, {"fused": True})
+    assert fused.defaults["fused"] is True  # still there when asked for
+    assert not fused.defaults["foreach"]
 
 
 # ----------------------------------------------------------------------------- param groups
@@ -450,3 +483,27 @@ def test_adafactor_relative_step_gets_adafactor_schedule_and_round_trips():
     sched2.load_state_dict(state)
     assert sched2.last_epoch == sched.last_epoch
     assert float(sched2.get_last_lr()[0]) == pytest.approx(reported)
+
+
+def test_adafactor_relative_step_is_explained_in_the_tab_and_the_log(records):
+    from lora_trainer.webui.fields import FIELD_BY_PATH, short_help
+
+    shown = short_help(FIELD_BY_PATH["optim.optimizer_type"].help)
+    assert "relative_step=True" in shown
+    assert "relative_step=False" in shown
+    w, _ = _problem()
+    optim.build_optimizer("Adafactor", [w], 1e-4)
+    assert optim.ADAFACTOR_RELATIVE_STEP_NOTE.format(lr=1e-4) in [r.getMessage() for r in records]
+
+
+def test_sdxl_low_vram_preset_keeps_a_fixed_adafactor_rate():
+    from lora_trainer.config import load_preset
+
+    cfg = load_preset("sdxl-low-vram")
+    w, _ = _problem()
+    opt = optim.build_optimizer(cfg.optim.optimizer_type, [w], cfg.optim.learning_rate, cfg.optim.optimizer_args)
+    g = opt.param_groups[0]
+    assert (g["relative_step"], g["scale_parameter"], g["warmup_init"]) == (False, False, False)
+    assert g["lr"] == cfg.optim.learning_rate
+    sched = optim.build_scheduler(cfg.optim.lr_scheduler, opt, num_training_steps=200, num_warmup_steps=100)
+    assert type(sched).__name__ != "AdafactorSchedule"

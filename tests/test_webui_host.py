@@ -289,6 +289,13 @@ def test_training_job_on_each_family_leaves_the_model_as_found(make_webui, tmp_p
     assert any(key.startswith("lora_unet_") for key in state)
     assert ("load_network", path.stem) in fake.lora.calls  # checked by the WebUI's loader
     assert path.stem in fake.lora.available_networks  # published: the Lora list was refreshed
+    info = fake.sd_model.sd_checkpoint_info  # the WebUI's own hashes of the checkpoint, as kohya writes them
+    assert metadata["ss_sd_model_name"] == f"tiny-{family}.safetensors"
+    assert metadata["ss_sd_model_hash"] == info.hash
+    assert metadata["ss_new_sd_model_hash"] == info.sha256
+    assert (metadata["ss_unet_lr"], metadata["ss_text_encoder_lr"]) == ("None", "None")  # unset, as kohya
+    if family != "sd1":
+        assert metadata["ss_clip_skip"] == "None"
     if family == "sd1":
         assert metadata["ss_clip_skip"] == "2"
         assert len(job.samples) == 1

@@ -1,4 +1,5 @@
-"""The six setting groups of ``TrainConfig``, one stdlib dataclass each, with every field's metadata.
+"""The six setting groups of ``TrainConfig``, one stdlib dataclass each, with every field's metadata
+(``SampleConfig`` is defined in :mod:`lora_trainer.config.sample_group` and re-exported here).
 
 Each field's ``metadata`` (``lora_trainer.config.meta.field_meta``) holds its label, help, kohya's
 name and default, and its limits; everything else (validation, TOML, JSON schema, the UI) reads them.
@@ -22,6 +23,7 @@ from lora_trainer.config.meta import (
     field_meta,
     setting,
 )
+from lora_trainer.config.sample_group import SampleConfig
 
 __all__ = ["DatasetConfig", "NetworkConfig", "OptimConfig", "SampleConfig", "SaveConfig", "TrainingConfig"]
 
@@ -43,6 +45,16 @@ class DatasetConfig(CoercedGroup):
             help="Words that call up the LoRA in a prompt (e.g. the character's name), one per entry. Stored in "
             "the saved file's metadata; your captions should contain them.",
         ),
+    )
+    dataset_repeats: int = setting(
+        1,
+        label="Repeats of a flat folder",
+        kohya="dataset_repeats",
+        ge=1,
+        le=10000,
+        help="Repeats per epoch for a training folder with its images directly in it (no '<repeats>_<name>' "
+        "subfolders); subfolders give their own count. kohya's dataset_repeats (for a dataset without "
+        "such folders); the kohya-trainer notebook uses 10.",
     )
     caption_extension: str = setting(
         ".txt",
@@ -145,8 +157,18 @@ class DatasetConfig(CoercedGroup):
         kohya="max_token_length",
         kohya_default=75,
         choices=MAX_TOKEN_LENGTHS,
-        help="Caption length in CLIP tokens: 75, 150 or 225 (longer captions are split into 75-token chunks "
-        "as the WebUI does). kohya's default is 75.",
+        help="Caption length in CLIP tokens: 75, 150 or 225. Captions are split into 75-token chunks, each "
+        "encoded as its own 77-token window with its own start and end token, as the WebUI encodes prompts "
+        "(so the LoRA is trained as it is used); kohya instead builds one start + 225 + end sequence. "
+        "kohya's default is 75.",
+    )
+    weighted_captions: bool = setting(
+        False,
+        label="Weighted captions",
+        kohya="weighted_captions",
+        help="Read captions in the WebUI's prompt syntax: (word:1.2) and [word] emphasis, BREAK, "
+        "textual-inversion names. Off (kohya's default): captions are plain text, and an escaped \\( "
+        "(as DeepBooru writes) is the character (.",
     )
     cache_latents: bool = setting(
         True,
@@ -281,7 +303,10 @@ class OptimConfig(CoercedGroup):
         kohya="optimizer_type",
         choices=OPTIMIZERS,
         help="AdamW (default), AdamW8bit (less VRAM; needs bitsandbytes), Lion (use ~1/3 of the AdamW rate), "
-        "Prodigy (sets its own rate: use learning rate 1.0), Adafactor (least memory).",
+        "Prodigy (sets its own rate: use learning rate 1.0), Adafactor (least memory; as in kohya it sets its "
+        "own step size, relative_step=True, so the learning rate is only its initial value and the scheduler "
+        "is Adafactor's own; for a fixed rate set optimizer arguments relative_step=False scale_parameter=False "
+        "warmup_init=False).",
     )
     optimizer_args: dict[str, Any] = field(
         default_factory=dict,
@@ -539,62 +564,4 @@ class SaveConfig(CoercedGroup):
         label="Tags",
         kohya="metadata_tags",
         help="Comma-separated tags in the file's metadata (modelspec.tags).",
-    )
-
-
-@dataclass
-class SampleConfig(CoercedGroup):
-    """Preview images generated during training."""
-
-    sample_every_n_steps: int | None = setting(
-        None,
-        label="Preview every N steps",
-        kohya="sample_every_n_steps",
-        ge=1,
-        le=1_000_000,
-        help="Generate previews every N steps; unset = off.",
-    )
-    sample_every_n_epochs: int | None = setting(
-        None,
-        label="Preview every N epochs",
-        kohya="sample_every_n_epochs",
-        ge=1,
-        le=1_000_000,
-        help="Generate previews every N epochs; unset = off.",
-    )
-    sample_prompts: list[str] = field(
-        default_factory=list,
-        metadata=field_meta(
-            label="Preview prompts",
-            help="Prompts for the previews, one per entry. (kohya's sample_prompts is a file path instead and is "
-            "not read.)",
-        ),
-    )
-    sample_sampler: str = setting(
-        "Euler a",
-        label="Preview sampler",
-        help="WebUI sampler name for previews, e.g. 'Euler a' or 'DPM++ 2M'.",
-    )
-    sample_steps: int = setting(20, label="Preview steps", ge=1, le=150, help="Sampling steps per preview.")
-    sample_cfg: float = setting(7.0, label="Preview CFG scale", ge=1.0, le=30.0, help="CFG scale for previews.")
-    sample_seed: int | None = setting(
-        None,
-        label="Preview seed",
-        ge=0,
-        le=MAX_SEED,
-        help="Seed of every preview, so they can be compared; unset = one random seed for the whole run.",
-    )
-    sample_width: int | None = setting(
-        None,
-        label="Preview width",
-        ge=64,
-        le=MAX_RESOLUTION,
-        help="Preview width in pixels (a multiple of 8); unset = the training resolution.",
-    )
-    sample_height: int | None = setting(
-        None,
-        label="Preview height",
-        ge=64,
-        le=MAX_RESOLUTION,
-        help="Preview height in pixels (a multiple of 8); unset = the training resolution.",
     )

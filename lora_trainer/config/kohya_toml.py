@@ -54,7 +54,7 @@ KOHYA_UNMAPPED = _names(
     adaptive_noise_scale alpha_mask async_upload base_weights base_weights_multiplier blocks_to_swap cache_info
     cache_text_encoder_outputs_to_disk caption_prefix caption_separator caption_suffix
     ckpt color_aug conditioning_data_dir config_file console_log_file console_log_level console_log_simple
-    cpu_offload_checkpointing dataset_class dataset_config dataset_repeats ddp_gradient_as_bucket_view
+    cpu_offload_checkpointing dataset_class dataset_config ddp_gradient_as_bucket_view
     ddp_static_graph ddp_timeout debiased_estimation_loss debug_dataset deepspeed dim_from_weights
     disable_mmap_load_safetensors dynamo_backend enable_wildcard face_crop_aug_range
     fp16_master_weights_and_gradients fp8_base fp8_base_unet full_bf16 full_fp16 fused_backward_pass highvram
@@ -75,7 +75,7 @@ KOHYA_UNMAPPED = _names(
     secondary_separator skip_cache_check skip_until_initial_step text_encoder_batch_size token_warmup_min
     token_warmup_step tokenizer_cache_dir torch_compile use_safetensors v2 v_parameterization v_pred_like_loss
     vae vae_batch_size validate_every_n_epochs validate_every_n_steps validation_seed validation_split
-    wandb_api_key wandb_run_name weighted_captions weighting_scheme xformers zero3_init_flag
+    wandb_api_key wandb_run_name weighting_scheme xformers zero3_init_flag
     zero3_save_16bit_model zero_stage zero_terminal_snr
     """
 )

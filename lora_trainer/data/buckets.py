@@ -174,6 +174,32 @@ def assign_fixed(image_size: Size, target: Size) -> BucketAssignment:
     return _finish((w, h), target, cover_size((w, h), target))
 
 
+def sdxl_crop_top_left(image_size: Size, bucket: Size, *, flipped: bool = False) -> Size:
+    """SDXL ``crop_coords_top_left`` (top, left) for an image of ``image_size`` (w, h) trained in ``bucket`` (w, h).
+
+    kohya's value (``BucketManager.get_crop_ltrb``), so a LoRA is conditioned as kohya's would be:
+    the image is fitted *inside* the bucket, aspect kept, and the conditioning is the margin
+    left on the top and on the left, halved and floored (0 on the side that fits). For a
+    mirrored copy the left is the margin on the right (bucket width minus the fitted image's
+    right edge). These are not the pixel offsets of the crop actually taken from the covering
+    resize (those are on the other axis: a 1000x1500 image in an 832x1216 bucket is cropped
+    16 px from the top, while kohya and this function give (0, 10)). Values truncate to ints,
+    as kohya's ``int()`` does.
+    """
+    w, h = image_size
+    bw, bh = bucket
+    image_ar = w / h
+    if bw / bh > image_ar:  # bucket wider than the image: the fitted image spans the height
+        fit_w, fit_h = bh * image_ar, float(bh)
+    else:
+        fit_w, fit_h = float(bw), bw / image_ar
+    left = (bw - fit_w) // 2
+    top = (bh - fit_h) // 2
+    if flipped:
+        left = bw - (left + fit_w)
+    return int(top), int(left)
+
+
 @dataclass(frozen=True)
 class BucketSettings:
     """kohya's bucket options. ``resolution`` is (w, h); with ``enable_bucket`` False every

@@ -5,6 +5,8 @@
   (or ``keep_tokens_separator``), ``shuffle_caption`` and tag dropout, in kohya's order and with the
   same draws from the given :class:`random.Random`.
 * :func:`tag_frequency` / :func:`tag_frequency_by_dir` build the ``ss_tag_frequency`` metadata.
+* :func:`unescape_caption`: the WebUI's prompt escapes (``\\(`` ...) as the literal characters, for
+  literal captions (``weighted_captions`` off, kohya's default).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "split_tags",
     "tag_frequency",
     "tag_frequency_by_dir",
+    "unescape_caption",
 ]
 
 CAPTION_ENCODINGS = ("utf-8-sig", "cp1252", "latin-1")
@@ -33,9 +36,52 @@ CAPTION_ENCODINGS = ("utf-8-sig", "cp1252", "latin-1")
 _WHITESPACE = re.compile(r"\s+")
 
 
-def split_tags(caption: str, separator: str = ",") -> list[str]:
-    """The tags of a caption: split on ``separator``, whitespace stripped, empty tags dropped."""
-    return [t.strip() for t in caption.split(separator) if t.strip()]
+_ESCAPES = {"\\(": "(", "\\)": ")", "\\[": "[", "\\]": "]", "\\\\": "\\"}
+_ESCAPED = re.compile(r"\\[()\[\]\\]")
+_CLOSES = {")": "(", "]": "["}
+
+
+def unescape_caption(caption: str) -> str:
+    """``caption`` with the WebUI's prompt escapes (``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\``, as its DeepBooru
+    writes them) turned into the characters themselves: what a literal caption (``weighted_captions``
+    off) means by them. Other backslashes stay."""
+    return _ESCAPED.sub(lambda m: _ESCAPES[m.group(0)], caption)
+
+
+def _weighted_pieces(caption: str, separator: str) -> list[str]:
+    """``caption`` split on ``separator`` where no bracket of the WebUI's emphasis syntax is open.
+
+    Brackets count as the WebUI's prompt parser reads them: ``(`` and ``[`` open, ``)`` and ``]``
+    close the latest open one of their kind (with none open they are text), an escaped bracket
+    (``\\(``) is text, and a bracket left open groups the rest of the caption (the WebUI emphasises
+    the rest of it)."""
+    pieces: list[str] = []
+    open_kinds: list[str] = []
+    start = i = 0
+    while i < len(caption):
+        char = caption[i]
+        if char == "\\" and _ESCAPED.match(caption, i):
+            i += 2
+            continue
+        if char in "([":
+            open_kinds.append(char)
+        elif char in _CLOSES and _CLOSES[char] in open_kinds:
+            del open_kinds[len(open_kinds) - 1 - open_kinds[::-1].index(_CLOSES[char])]
+        elif not open_kinds and caption.startswith(separator, i):
+            pieces.append(caption[start:i])
+            start = i = i + len(separator)
+            continue
+        i += 1
+    return [*pieces, caption[start:]]
+
+
+def split_tags(caption: str, separator: str = ",", *, weighted: bool = False) -> list[str]:
+    """The tags of a caption: split on ``separator``, whitespace stripped, empty tags dropped.
+
+    ``weighted`` (``weighted_captions``): the caption is in the WebUI's prompt syntax, so a separator
+    inside an emphasis group such as ``(red, blue:1.2)`` does not split it (see :func:`_weighted_pieces`)."""
+    pieces = _weighted_pieces(caption, separator) if weighted else caption.split(separator)
+    return [t.strip() for t in pieces if t.strip()]
 
 
 def normalize_caption(caption: str, separator: str = ",") -> str:
@@ -54,6 +100,7 @@ def process_caption(
     caption_tag_dropout_rate: float = 0.0,
     drop_caption_this_epoch: bool = False,
     separator: str = ",",
+    weighted: bool = False,
 ) -> str:
     """The caption a sample is trained with this step (kohya's ``process_caption``).
 
@@ -64,6 +111,9 @@ def process_caption(
        in front instead, and tags after a second separator stay at the end.
     3. The other tags are shuffled (``shuffle``), then each is dropped with ``caption_tag_dropout_rate``.
     4. The tags are joined with ", " (kohya joins with ", " whatever the separator).
+
+    ``weighted`` (``weighted_captions``): tags are split as the WebUI's prompt syntax groups them
+    (:func:`split_tags`), so an emphasis group moves and drops as one tag.
 
     A caption that needs none of step 2-3 (no shuffle, no tag dropout, no keep_tokens_separator in it)
     comes back unchanged but stripped, as in kohya. ``rng`` draws: one ``random()`` for caption dropout
@@ -94,10 +144,10 @@ def process_caption(
         head, rest = caption.split(keep_tokens_separator, 1)
         if keep_tokens_separator in rest:
             rest, tail = rest.split(keep_tokens_separator, 1)
-            suffix = split_tags(tail, separator)
-        fixed, flex = split_tags(head, separator), split_tags(rest, separator)
+            suffix = split_tags(tail, separator, weighted=weighted)
+        fixed, flex = split_tags(head, separator, weighted=weighted), split_tags(rest, separator, weighted=weighted)
     else:
-        tags = split_tags(caption, separator)
+        tags = split_tags(caption, separator, weighted=weighted)
         fixed, flex = tags[:keep_tokens], tags[keep_tokens:]
 
     if shuffle:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from PIL import ImageOps
 
-from lora_trainer.data.buckets import BucketAssignment, BucketSettings, Size, plan_buckets
+from lora_trainer.data.buckets import BucketAssignment, BucketSettings, Size, plan_buckets, sdxl_crop_top_left
 from lora_trainer.data.cache import LatentCache, LatentRequest
 from lora_trainer.data.images import (
     DEFAULT_MAX_PIXELS,
@@ -53,8 +53,7 @@ class TrainDataset(torch.utils.data.Dataset):
       ``latents``: (B, C, H/8, W/8) float32 (CPU tensors either way);
     * ``captions``: list of raw captions (caption processing is the loop's job);
     * ``original_sizes``: list of (height, width) of the source images;
-    * ``crop_top_lefts``: list of (top, left) of the crop in the resized image (mirrored
-      when flipped, as kohya does);
+    * ``crop_top_lefts``: list of SDXL crop conditioning (top, left), see :meth:`sdxl_crop`;
     * ``target_sizes``: list of (height, width), the bucket;
     * ``keys``: list of item keys; ``indices``: item indices; ``flipped``: list of bool;
     * ``bucket``: the bucket (width, height); ``epoch``, ``batch_index``: where it is.
@@ -187,6 +186,19 @@ class TrainDataset(torch.utils.data.Dataset):
             left = resized[0] - bw - left
         return pil_to_tensor(out), (top, left), original
 
+    def sdxl_crop(self, i: int, flip: bool, crop_top_left: Size) -> Size:
+        """SDXL crop conditioning (top, left) of item ``i``; ``crop_top_left`` is the crop actually taken.
+
+        Bucketed: kohya's value (:func:`sdxl_crop_top_left`, the same with random crop), so
+        the LoRA is conditioned as kohya's. Fixed-size mode (bucketing off): the crop actually
+        taken, mirrored when flipped; kohya does not resize there (it needs images of exactly
+        the resolution and conditions on (0, 0)), while this mode scales and crops, so the real
+        offset is the meaningful value.
+        """
+        if not self.settings.enable_bucket:
+            return crop_top_left
+        return sdxl_crop_top_left(self.sizes[i], self.assignments[i].bucket, flipped=flip)
+
     def load_batch(self, indices: Sequence[int], *, epoch: int = 0, batch_index: int = 0) -> dict:
         """Load the batch of item ``indices`` (all from one bucket); see the class doc for the dict."""
         if not indices:
@@ -212,7 +224,7 @@ class TrainDataset(torch.utils.data.Dataset):
                 tensors.append(t)
             captions.append(self.items[i].caption)
             originals.append(original)
-            crops.append((top, left))
+            crops.append(self.sdxl_crop(i, flip, (top, left)))
             flips.append(flip)
         batch = {
             "captions": captions,

@@ -12,8 +12,9 @@ Layout (kohya's ``--train_data_dir``)::
 Which folders are subsets, which files are images or captions and which are hidden is decided
 by :mod:`lora_trainer.data.layout` (the rules the dataset workshop uses too). Folders whose
 name does not start with ``<number>_`` are reported and skipped, as kohya does. A folder with
-no such subfolders is taken as one flat subset with 1 repeat (scanned recursively), which is
-friendlier for a plain folder of images.
+no such subfolders is taken as one flat subset (scanned recursively), which is friendlier for a
+plain folder of images; it gets ``flat_repeats`` repeats (1 by default; the config's
+``dataset_repeats``, kohya's repeat count for a dataset without ``N_name`` folders).
 
 Captions: ``<stem><caption_extension>`` beside the image; if absent, ``.txt`` or
 ``.caption`` (whichever was not asked for) so no caption file is silently ignored. The
@@ -404,21 +405,22 @@ def _scan_subsets(
     return items
 
 
-def _scan_flat(root: Path, caption_exts: list[str], report: ScanReport) -> list[ImageItem]:
-    """No subset folders: the folder itself is one subset with 1 repeat."""
+def _scan_flat(root: Path, caption_exts: list[str], report: ScanReport, repeats: int = 1) -> list[ImageItem]:
+    """No subset folders: the folder itself is one subset with ``repeats`` repeats."""
     items: list[ImageItem] = []
     report.flat = True
     name = root.resolve().name or "dataset"
-    info = SubsetInfo(root, 1)
+    info = SubsetInfo(root, repeats)
     report.subsets[name] = info
     # the root's hidden entries and skipped folders were reported already: leave them out
     skip = frozenset(report.hidden_files) | frozenset(p for p, _ in report.skipped_folders)
-    info.image_count = _SubsetWalk(root, name, 1, None, caption_exts, report, skip).run(items)
+    info.image_count = _SubsetWalk(root, name, repeats, None, caption_exts, report, skip).run(items)
     if info.image_count:
         logger.info(
-            "%s has no '<repeats>_<name>' subfolders: using its %d image(s) (subfolders included) with 1 repeat.",
+            "%s has no '<repeats>_<name>' subfolders: using its %d image(s) (subfolders included) with %d repeat(s).",
             root,
             info.image_count,
+            repeats,
         )
     return items
 
@@ -438,14 +440,15 @@ def scan_dataset(
     caption_extension: str = ".txt",
     *,
     class_tokens_for_missing: bool = True,
+    flat_repeats: int = 1,
 ) -> ScanResult:
     """Find the training images of ``train_data_dir`` (see the module doc for the layout).
 
     Returns a list of :class:`ImageItem` (subsets in name order, files in path order) with a
     ``.report`` (:class:`ScanReport`); its warnings are also logged. With
     ``class_tokens_for_missing`` False, images without a caption file get "" instead of the
-    folder's class tokens. Raises :class:`DatasetError` when the folder is missing or holds
-    no usable image.
+    folder's class tokens. ``flat_repeats``: the repeats of a flat folder (no ``N_name``
+    subfolders). Raises :class:`DatasetError` when the folder is missing or holds no usable image.
     """
     root = Path(train_data_dir)
     if not root.is_dir():
@@ -458,7 +461,7 @@ def scan_dataset(
     if found.subset_dirs:
         items = _scan_subsets(found, caption_exts, class_tokens_for_missing, report)
     elif found.root_images or found.other_dirs:
-        items = _scan_flat(root, caption_exts, report)
+        items = _scan_flat(root, caption_exts, report, flat_repeats)
 
     for line in report.warnings():
         logger.warning(line)

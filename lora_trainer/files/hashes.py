@@ -19,6 +19,7 @@ import torch
 from lora_trainer.files.safetensors_format import read_safetensors_header
 
 __all__ = [
+    "checkpoint_hashes",
     "compute_hashes",
     "file_data_sha256",
     "file_legacy_hash",
@@ -87,3 +88,25 @@ def file_sha256(path: str | os.PathLike) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def checkpoint_hashes(
+    path: str | os.PathLike | None,
+    *,
+    sha256: str | None = None,
+    legacy: str | None = None,
+    read_sha256: bool = True,
+) -> tuple[str, str]:
+    """``(sha256, legacy 8-hex hash)`` of a base checkpoint file, kohya's ``ss_new_sd_model_hash``
+    and ``ss_sd_model_hash``.
+
+    ``sha256`` / ``legacy``: the values the host already has (the WebUI's checkpoint info holds
+    both once a model is loaded); each is computed from the file only when not given, so a
+    multi-gigabyte checkpoint is not read again; ``read_sha256`` False never reads the whole file
+    (the WebUI's ``--no-hashing``). "" for a value that cannot be had (no path, or the file is gone).
+    """
+    if path is None or not os.path.isfile(path):
+        return sha256 or "", legacy or ""
+    if not sha256 and read_sha256:
+        sha256 = file_sha256(path)
+    return sha256 or "", legacy or file_legacy_hash(path)

@@ -18,7 +18,10 @@ or gradient is skipped and counted (``StepInfo.skipped_steps``); too many in a r
 
 Randomness is derived from the seed and the batch's position (epoch, batch index), and
 the data order from (seed, epoch), so a run resumed from its saved state continues
-exactly as the uninterrupted run would have.
+exactly as the uninterrupted run would have. Latent caching and previews (the WebUI's VAE samples
+with torch's global generator, its previews seed it) run on forked generators; a resumed run caches
+its latents from the seed, as the uninterrupted run did, and only then takes the saved generator
+state for the steps.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from lora_trainer.config import TrainConfig
 from lora_trainer.contracts import FAMILIES, Conditioning, ModelAdapter, SizeCond, placement
 from lora_trainer.data.buckets import BucketSettings
 from lora_trainer.data.cache import LatentCache, encode_finite
-from lora_trainer.data.captions import process_caption, split_tags
+from lora_trainer.data.captions import process_caption, split_tags, unescape_caption
 from lora_trainer.data.dataset import TrainDataset
 from lora_trainer.data.scan import scan_dataset
 from lora_trainer.errors import ConfigError, IncompatibleModelError
@@ -51,7 +54,6 @@ from lora_trainer.naming import find_targets
 from lora_trainer.networks.network import LoRANetwork
 from lora_trainer.train import objectives
 from lora_trainer.train.callbacks import Callbacks, ProgressMeter, TrainResult
-from lora_trainer.train.flat import ELEMENTWISE_OPTIMIZERS, flatten, zero_flat_grads
 from lora_trainer.train.guard import checkpointed, frozen_base, unet_blocks
 from lora_trainer.train.guards import SCALE_FLOOR, StepGuard, grads_finite, precision_plan
 from lora_trainer.train.oom import oom_phase, train_steps
@@ -107,7 +109,7 @@ class _Run:
         self.resumed_file: Path | None = None  # the file a stopped run wrote, when resuming it
 
         ds = cfg.dataset
-        self.items = scan_dataset(ds.train_data_dir, ds.caption_extension)
+        self.items = scan_dataset(ds.train_data_dir, ds.caption_extension, flat_repeats=ds.dataset_repeats)
         buckets = BucketSettings(
             resolution=ds.resolution_wh,
             enable_bucket=ds.enable_bucket,
@@ -168,10 +170,6 @@ class _Run:
         )
         unet_params = self.network.parameters_of(("unet",))
         te_params = self.network.parameters_of(TE_GROUPS)
-        self.flats: list[torch.nn.Parameter] = []
-        if cfg.optim.optimizer_type.lower() in ELEMENTWISE_OPTIMIZERS:
-            unet_params, te_params = ([flatten(ps)] if ps else [] for ps in (unet_params, te_params))
-            self.flats = unet_params + te_params
         groups = param_groups_for(
             unet_params, te_params, cfg.optim.resolved_unet_lr, cfg.optim.resolved_text_encoder_lr
         )
@@ -197,7 +195,10 @@ class _Run:
         def progress(done: int, total: int) -> None:
             self.callbacks.on_status(f"Caching latents {done}/{total}")
 
-        with placement(self.adapter, ("vae",)):
+        # The WebUI's VAE samples the latent distribution with the global generator: encoding on a forked
+        # one leaves the steps' random numbers the same whether the latents were encoded or read from disk.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with placement(self.adapter, ("vae",)), torch.random.fork_rng(devices=devices):
             self.dataset.cache_latents(
                 cache, self.adapter.encode_images, vae_id=self._vae_id(), progress=progress, upcast_fn=self._upcast_fn()
             )
@@ -212,6 +213,7 @@ class _Run:
                 caption=lambda c: self._caption(c, random.Random(0), 1),
                 clip_skip=self.clip_skip,
                 max_token_length=self.cfg.dataset.max_token_length,
+                weighted_captions=self.cfg.dataset.weighted_captions,
                 autocast=lambda: self.precision.autocast_context(self.device.type),
                 status=self.callbacks.on_status,
             )
@@ -237,11 +239,11 @@ class _Run:
         ds = self.cfg.dataset
         keep = ds.keep_tokens
         if self.trigger_words:
-            rest = [t for t in split_tags(caption) if t not in self.trigger_words]
+            rest = [t for t in split_tags(caption, weighted=ds.weighted_captions) if t not in self.trigger_words]
             caption = ", ".join([*self.trigger_words, *rest])
             keep = max(keep, len(self.trigger_words))
         every = ds.caption_dropout_every_n_epochs
-        return process_caption(
+        caption = process_caption(
             caption,
             rng,
             shuffle=ds.shuffle_caption,
@@ -249,7 +251,10 @@ class _Run:
             caption_dropout_rate=ds.caption_dropout_rate,
             caption_tag_dropout_rate=ds.caption_tag_dropout_rate,
             drop_caption_this_epoch=bool(every) and epoch % every == 0,
+            weighted=ds.weighted_captions,
         )
+        # literal captions (kohya's default): the WebUI's escapes, e.g. DeepBooru's "\(", are the characters
+        return caption if ds.weighted_captions else unescape_caption(caption)
 
     def _encode_text(self, captions: list[str], size_cond: list[SizeCond] | None) -> Conditioning:
         if self.text_outputs is not None:
@@ -263,6 +268,7 @@ class _Run:
                 clip_skip=self.clip_skip,
                 max_token_length=self.cfg.dataset.max_token_length,
                 size_cond=size_cond,
+                weighted_captions=self.cfg.dataset.weighted_captions,
             )
         if self.cache_text:
             self._text_cache[key] = cond = cond.detach()
@@ -335,10 +341,9 @@ class _Run:
         return False
 
     def _zero_grad(self) -> None:
-        if self.flats:
-            zero_flat_grads(self.flats)
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        # set_to_none, as torch does: a parameter that gets no gradient next step (module dropout,
+        # a layer clip skip leaves unused) is skipped by the optimizer, not moved by a zero gradient
+        self.optimizer.zero_grad(set_to_none=True)
 
     # -- run
 
@@ -356,6 +361,11 @@ class _Run:
             with oom_phase("latent caching"):
                 self._cache_latents()
                 self._cache_text_outputs()
+            if resume_state is not None:
+                # after the caching: the VAE samples its latents with the global generator (the WebUI's
+                # encode), so the cache is built from the seed as in the uninterrupted run, and the steps
+                # continue from the generator state the stopped run left
+                self._restore_rng(resume_state[0])
             gc = checkpointed(unet_blocks(a.unet)) if self.cfg.training.gradient_checkpointing else None
             with placement(a, self.step_parts), self.network.applied(), gc or contextlib.nullcontext():
                 self.network.train()
@@ -422,9 +432,12 @@ class _Run:
         return True
 
     def _sample(self, epoch: int) -> None:
+        """A preview, on forked generators: the WebUI seeds the global one for each image (``rng.manual_seed``,
+        a random seed when the preview's is -1), which must not change the steps' random numbers."""
         self.network.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
         try:
-            with torch.no_grad(), oom_phase("a preview"):
+            with torch.no_grad(), oom_phase("a preview"), torch.random.fork_rng(devices=devices):
                 self.callbacks.on_sample(self.step, epoch)
         finally:
             self.network.train()
@@ -479,14 +492,17 @@ class _Run:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         result.losses.extend(info.get("losses", []))
         self.guard.skipped = result.skipped_steps = int(info.get("skipped_steps", 0))
         self.resumed_file = Path(info["output_file"]) if info.get("output_file") else None
         self.step = int(info["step"])
         self.position = (int(info["epoch"]), int(info["next_batch"]))
+
+    def _restore_rng(self, state: dict) -> None:
+        """The random generators as the stopped run left them (set once everything before the steps is done)."""
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 
 
 def load_resume_state(cfg: TrainConfig, family: str, work_dir: Path) -> tuple[dict, dict]:

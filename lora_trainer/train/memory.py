@@ -66,8 +66,8 @@ models and small resolutions spend their time on. CPU: fitted to the tiny models
 
 OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "lion": 4.0, "prodigy": 16.0, "adafactor": 4.0}
 """Bytes of optimizer state per LoRA parameter: AdamW two fp32 moments; AdamW8bit two 8-bit moments;
-Lion one fp32 moment; Prodigy four fp32 tensors (moments, initial weights, s); Adafactor one fp32 second
-moment (the trainer hands elementwise optimizers a flat parameter, so Adafactor does not factor it)."""
+Lion one fp32 moment; Prodigy four fp32 tensors (moments, initial weights, s); Adafactor at most one fp32
+second moment (an upper bound: it factors a matrix's second moment into row and column vectors)."""
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 

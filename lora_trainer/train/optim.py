@@ -216,9 +216,10 @@ def _prodigy(param_groups, lr, kwargs):
 def _adafactor(param_groups, lr, kwargs):
     from transformers.optimization import Adafactor
 
-    if "relative_step" not in kwargs:
-        # kohya defaults to relative_step=True; with an explicit learning rate a fixed step is what is asked for.
-        kwargs["relative_step"] = bool(kwargs.get("warmup_init", False)) or not lr
+    # kohya's defaults: relative_step=True (and transformers' scale_parameter=True,
+    # warmup_init=False) unless optimizer_args say otherwise, whatever the learning rate; the
+    # learning rate is then only the AdafactorSchedule's initial value.
+    kwargs.setdefault("relative_step", True)
     if kwargs.get("warmup_init", False) and not kwargs["relative_step"]:
         logger.info("Adafactor: warmup_init=True needs relative_step=True; setting relative_step=True")
         kwargs["relative_step"] = True
@@ -226,12 +227,12 @@ def _adafactor(param_groups, lr, kwargs):
         kwargs.setdefault("scale_parameter", True)
         kwargs.setdefault("warmup_init", False)
         if lr:
-            logger.warning(
-                "Adafactor with relative_step=True computes its own step size; "
-                f"the learning rate {lr} is only used as the initial value reported by the scheduler"
-            )
-        for g in param_groups:  # Adafactor ignores a group's lr then; keep it for the scheduler's initial value
-            g.setdefault("lr", lr)
+            logger.warning(ADAFACTOR_RELATIVE_STEP_NOTE.format(lr=lr))
+        group_lrs = {g["lr"] for g in param_groups if g.get("lr")}
+        if lr and group_lrs - {lr}:
+            logger.warning("Adafactor with relative_step=True: the UNet and text encoder learning rates are ignored")
+        for g in param_groups:  # Adafactor ignores a group's lr then; the scheduler's initial value is the lr
+            g["lr"] = lr if lr else g.get("lr", lr)
         return Adafactor(param_groups, lr=None, **kwargs)
     kwargs.setdefault("scale_parameter", False)
     kwargs.setdefault("warmup_init", False)
@@ -240,11 +241,21 @@ def _adafactor(param_groups, lr, kwargs):
     return Adafactor(param_groups, lr=lr, **kwargs)
 
 
+ADAFACTOR_RELATIVE_STEP_NOTE = (
+    "Adafactor computes its own step size (relative_step=True, kohya's default): the learning rate {lr} is only "
+    "the initial value the scheduler reports, and the lr scheduler is Adafactor's own. For a fixed learning "
+    "rate set optimizer_args to relative_step=False scale_parameter=False warmup_init=False."
+)
+"""What a run with a relative-step Adafactor is told (the log and the tab's preflight warnings)."""
+
+
 def _adamw(param_groups, lr, kwargs):
-    # The fused kernel updates every LoRA tensor in one pass (CPU and CUDA); the per-tensor
-    # loop costs about a fifth of a tiny model's step.
+    # torch's multi-tensor (foreach) AdamW: the same arithmetic as its per-tensor loop, bit for bit
+    # (tests/test_optim_exact.py), and like it skips a parameter whose grad is None. The fused
+    # kernel is faster but rounds differently (differences of ~1e-8 after a few steps), so it is
+    # used only when optimizer_args ask for it (fused=True).
     if "foreach" not in kwargs and "fused" not in kwargs:
-        kwargs = {**kwargs, "fused": True}
+        kwargs = {**kwargs, "foreach": True}
     return torch.optim.AdamW(param_groups, lr=lr, **kwargs)
 
 

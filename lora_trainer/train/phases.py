@@ -50,8 +50,9 @@ def caption_samples(dataset: TrainDataset, caption: Callable[[str], str], sdxl: 
     """Every (caption, SDXL size conditioning) a run over ``dataset`` encodes, as its batches carry them.
 
     ``caption`` turns a file's caption into the trained one (trigger words; no shuffle or dropout,
-    which cached outputs exclude). The size conditioning: original size (h, w), the centre crop's
-    (top, left) in the resized image (mirrored for a flipped copy, as ``load_batch``), the bucket (h, w).
+    which cached outputs exclude). The size conditioning: original size (h, w), the crop
+    conditioning of ``TrainDataset.sdxl_crop`` for the centre crop (and for a flipped copy), the
+    bucket (h, w), as ``load_batch`` gives them.
     """
     samples: list[Sample] = []
     for i, item in enumerate(dataset.items):
@@ -63,8 +64,9 @@ def caption_samples(dataset: TrainDataset, caption: Callable[[str], str], sdxl: 
         (rw, _), (bw, bh) = assignment.resized_size, assignment.bucket
         top, left = crop_offsets(assignment.resized_size, assignment.bucket)
         w, h = dataset.sizes[i]
-        for crop_left in (left, rw - bw - left) if dataset.flip_aug else (left,):
-            samples.append((text, SizeCond((h, w), (top, crop_left), (bh, bw))))
+        for flip in (False, True) if dataset.flip_aug else (False,):
+            crop = dataset.sdxl_crop(i, flip, (top, rw - bw - left if flip else left))
+            samples.append((text, SizeCond((h, w), crop, (bh, bw))))
     return samples
 
 
@@ -77,14 +79,20 @@ def cache_text_outputs(
     max_token_length: int,
     autocast: Callable[[], ContextManager[Any]],
     status: Callable[[str], None],
+    weighted_captions: bool = False,
 ) -> TextOutputCache:
     """A filled :class:`TextOutputCache` for a run over ``dataset``, the text encoders on the device
-    meanwhile. ``caption``, ``clip_skip``, ``max_token_length`` and ``autocast``: the run's own."""
+    meanwhile. ``caption``, ``clip_skip``, ``max_token_length``, ``autocast`` and ``weighted_captions``:
+    the run's own."""
 
     def encode(captions: list[str], size_cond: list[SizeCond] | None) -> Conditioning:
         with autocast():
             return adapter.encode_text(
-                captions, clip_skip=clip_skip, max_token_length=max_token_length, size_cond=size_cond
+                captions,
+                clip_skip=clip_skip,
+                max_token_length=max_token_length,
+                size_cond=size_cond,
+                weighted_captions=weighted_captions,
             )
 
     def progress(done: int, total: int) -> None:

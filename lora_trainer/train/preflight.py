@@ -68,7 +68,7 @@ def check_dataset(cfg: TrainConfig) -> None:
     """Refuse a missing or empty dataset folder, or one holding an image that cannot be read (header only)."""
     ds = cfg.dataset
     try:
-        items = scan_dataset(ds.train_data_dir, ds.caption_extension)
+        items = scan_dataset(ds.train_data_dir, ds.caption_extension, flat_repeats=ds.dataset_repeats)
     except DatasetRefused:
         raise
     except DatasetError as e:

@@ -11,6 +11,17 @@ if TYPE_CHECKING:
     from lora_trainer.train.loop import _Run
 
 
+def _clip_skip(run: _Run) -> int | None:
+    """``ss_clip_skip``: the config's clip skip as kohya writes it ("None" when unset). Unset here means
+    the WebUI's own "Clip skip" setting (SD1/SD2), so a setting other than 1 is written as the
+    value trained with, which is what a reader of the Lora card needs to reproduce it."""
+    if run.cfg.training.clip_skip is not None:
+        return run.cfg.training.clip_skip
+    if run.adapter.family == "sdxl" or run.clip_skip == 1:
+        return None
+    return run.clip_skip
+
+
 def training_info(run: _Run, epoch: int, stopped_early: bool) -> TrainingInfo:
     """The run's kohya metadata (``ss_*``) at ``epoch``."""
     cfg, a = run.cfg, run.adapter
@@ -52,8 +63,9 @@ def training_info(run: _Run, epoch: int, stopped_early: bool) -> TrainingInfo:
         steps=run.step,
         epoch=epoch,
         learning_rate=opt.learning_rate,
-        unet_lr=opt.resolved_unet_lr if net.train_unet else None,
-        text_encoder_lr=opt.resolved_text_encoder_lr if net.train_text_encoder else None,
+        # kohya writes the arguments as given: "None" when unset (learning_rate applies then)
+        unet_lr=opt.unet_lr,
+        text_encoder_lr=opt.text_encoder_lr,
         optimizer=optimizer_string(run.optimizer, opt.optimizer_args),
         lr_scheduler=opt.lr_scheduler,
         lr_warmup_steps=opt.lr_warmup_steps,
@@ -63,13 +75,14 @@ def training_info(run: _Run, epoch: int, stopped_early: bool) -> TrainingInfo:
         max_grad_norm=opt.max_grad_norm,
         mixed_precision=run.precision.name,
         seed=run.seed,
-        clip_skip=run.clip_skip if a.family != "sdxl" else None,
+        clip_skip=_clip_skip(run),
         max_token_length=ds.max_token_length,
         noise_offset=tr.noise_offset or None,
         min_snr_gamma=tr.min_snr_gamma or None,
         training_comment=comment,
         sd_model_name=a.model_name or None,
         new_sd_model_hash=a.model_hash or None,
+        sd_model_hash=getattr(a, "model_legacy_hash", "") or None,
         vae_name=a.vae_name or None,
         session_id=run.session_id,
         training_started_at=run.started_at,

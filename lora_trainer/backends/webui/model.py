@@ -4,7 +4,8 @@ Owns: finding the loaded model without loading one, telling its family and predi
 (:func:`detect_model`) and whether the WebUI's setup can train it (:func:`environment_problem`),
 its text encoders as the hijack wraps them, and :class:`WebUIAdapter`, the
 :class:`~lora_trainer.contracts.ModelAdapter` over it. Text goes through the WebUI's own
-conditioning code (its chunking, emphasis, textual-inversion embeddings and clip skip), images
+conditioning code (its chunking and clip skip; its emphasis syntax and textual-inversion
+embeddings only with ``weighted_captions``, else captions are plain text as in kohya), images
 through its VAE helper, the denoiser through ``sd_model.apply_model``. Also the helpers that
 change an attribute or a WebUI option for a session and register putting it back.
 """
@@ -23,10 +24,12 @@ from torch import nn
 from lora_trainer.backends.webui.placement import LowVramPlacement
 from lora_trainer.contracts import Conditioning, SizeCond
 from lora_trainer.errors import IncompatibleModelError
+from lora_trainer.files.hashes import checkpoint_hashes
 from lora_trainer.text import WINDOW_LENGTH, num_chunks
 
 __all__ = [
     "CLIP_SKIP_OPTION",
+    "SDXL_CLIP_L_SKIP_OPTION",
     "SDModel",
     "WebUIAdapter",
     "checkpoint_label",
@@ -35,11 +38,15 @@ __all__ = [
     "loaded_model",
     "set_attr",
     "set_option_for_session",
+    "shadow_method",
     "text_encoders",
     "vae_label",
 ]
 
 CLIP_SKIP_OPTION = "CLIP_stop_at_last_layers"
+SDXL_CLIP_L_SKIP_OPTION = "sdxl_clip_l_skip"  # "Clip skip SDXL": CLIP-L uses CLIP_stop_at_last_layers
+EMPHASIS_OPTION = "emphasis"
+OLD_EMPHASIS_OPTION = "use_old_emphasis_implementation"
 
 SDModel = Any
 """The WebUI's loaded model (an ldm ``LatentDiffusion`` or sgm ``DiffusionEngine`` nn.Module, with
@@ -182,6 +189,23 @@ def set_attr(undo: contextlib.ExitStack, obj: Any, name: str, value: Any) -> Non
     undo.callback(restore)
 
 
+def shadow_method(undo: contextlib.ExitStack, obj: Any, name: str, func: Any) -> None:
+    """Give ``obj`` its own ``name`` (``func``, called without ``self``) over its class's method, and
+    register removing it again (an attribute it had of its own is put back)."""
+    missing = object()
+    own = vars(obj).get(name, missing)
+    setattr(obj, name, func)
+
+    def restore() -> None:
+        if own is missing:
+            with contextlib.suppress(AttributeError):
+                delattr(obj, name)
+        else:
+            setattr(obj, name, own)
+
+    undo.callback(restore)
+
+
 def set_option_for_session(undo: contextlib.ExitStack, key: str, value: Any) -> None:
     """Set a WebUI option in memory (not saved) and put the old value back at the end of the session,
     unless someone changed it meanwhile. Written to ``opts.data`` directly, as the WebUI does for
@@ -200,6 +224,11 @@ def set_option_for_session(undo: contextlib.ExitStack, key: str, value: Any) -> 
             data[key] = old
 
     undo.callback(restore)
+
+
+def _no_embedding(tokens: Any, offset: int) -> tuple[None, None]:
+    """``EmbeddingDatabase.find_embedding_at_position`` that finds nothing (literal captions)."""
+    return None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,10 +277,20 @@ class WebUIAdapter:
         info = getattr(sd_model, "sd_checkpoint_info", None)
         filename = getattr(info, "filename", None)
         self.model_name = os.path.basename(filename) if filename else ""
-        self.model_hash = str(getattr(info, "sha256", None) or "")
+        # the WebUI computed both hashes when it loaded the checkpoint (unless --no-hashing)
+        self.model_hash, self.model_legacy_hash = checkpoint_hashes(
+            filename,
+            sha256=getattr(info, "sha256", None),
+            legacy=getattr(info, "hash", None),
+            read_sha256=not getattr(shared.cmd_opts, "no_hashing", False),
+        )
         self.vae_name = sd_vae.get_loaded_vae_name() or ""
         if family == "sd2":
             self.default_clip_skip = max(1, int(getattr(sd_model.cond_stage_model.wrapped, "layer_idx", 1) or 1))
+        elif family == "sdxl":
+            self.default_clip_skip = 1  # SDXL's own layers (see _use_clip_skip)
+            # the WebUI's "Clip skip SDXL" setting must not change what training conditions on
+            set_option_for_session(self._undo, SDXL_CLIP_L_SKIP_OPTION, False)
         else:
             self.default_clip_skip = int(getattr(shared.opts, CLIP_SKIP_OPTION, 1) or 1)
         self._clip_skip = self.default_clip_skip
@@ -301,14 +340,24 @@ class WebUIAdapter:
     # -- text
 
     def _use_clip_skip(self, clip_skip: int) -> None:
-        """Make the WebUI's conditioning use ``clip_skip`` (for the rest of the session)."""
-        if clip_skip == self._clip_skip or self.family == "sdxl":
+        """Make the WebUI's conditioning use ``clip_skip`` (for the rest of the session).
+
+        SDXL: kohya ignores clip_skip there (with a warning). Here 1 (the default) is SDXL's own
+        conditioning, "Clip skip SDXL" off; N > 1 means what it means in the WebUI: "Clip skip SDXL"
+        on, CLIP-L taking hidden state -N (OpenCLIP-G unchanged), so the LoRA is trained as it is
+        then used. 2 is CLIP-L's own penultimate layer, so the usual kohya value trains exactly as
+        kohya does. (The WebUI's "Clip skip SDXL" with clip skip 1, CLIP-L's last layer, has no
+        config value: 1 keeps kohya's meaning, no skip.)
+        """
+        if clip_skip == self._clip_skip:
             return
         if clip_skip < 1:
             raise ValueError(f"clip_skip must be >= 1, got {clip_skip}")
         if self.family == "sd2":
             set_attr(self._undo, self.sd_model.cond_stage_model.wrapped, "layer_idx", int(clip_skip))
         else:
+            if self.family == "sdxl":
+                set_option_for_session(self._undo, SDXL_CLIP_L_SKIP_OPTION, clip_skip > 1)
             set_option_for_session(self._undo, CLIP_SKIP_OPTION, int(clip_skip))
         self._clip_skip = clip_skip
 
@@ -319,15 +368,47 @@ class WebUIAdapter:
         clip_skip: int = 1,
         max_token_length: int = 75,
         size_cond: Sequence[SizeCond] | None = None,
+        weighted_captions: bool = False,
     ) -> Conditioning:
         texts = [str(c) for c in captions]
         width = num_chunks(max_token_length) * WINDOW_LENGTH
-        if self.family == "sdxl":
-            out = self.sd_model.conditioner(self._sdxl_batch(texts, size_cond))
-            return Conditioning(out["crossattn"][:, :width], out["vector"])
         self._use_clip_skip(clip_skip)
-        context = self.sd_model.cond_stage_model(texts)
+        with contextlib.ExitStack() as call:
+            self._keep_generation_params(call)
+            # weighted: the WebUI's own prompt reading (kohya's parser has no BREAK or embeddings;
+            # the WebUI's is how the LoRA will be prompted)
+            if not weighted_captions:
+                self._literal_text(call)
+            if self.family == "sdxl":
+                out = self.sd_model.conditioner(self._sdxl_batch(texts, size_cond))
+                return Conditioning(out["crossattn"][:, :width], out["vector"])
+            context = self.sd_model.cond_stage_model(texts)
         return Conditioning(context[:, :width])  # the WebUI encodes every chunk; keep max_token_length's
+
+    def _text_wrappers(self) -> list[Any]:
+        if self.family == "sdxl":
+            return [e for e in self.sd_model.conditioner.embedders if hasattr(e, "tokenize_line")]
+        return [self.sd_model.cond_stage_model]
+
+    def _keep_generation_params(self, call: contextlib.ExitStack) -> None:
+        """The WebUI's wrappers note in the model hijack what the next generation's infotext should say
+        (textual-inversion hashes, a non-default emphasis); training text is not that generation's."""
+        for hijack in {id(w.hijack): w.hijack for w in self._text_wrappers() if w.hijack is not None}.values():
+            params = getattr(hijack, "extra_generation_params", None)
+            if isinstance(params, dict):
+                set_attr(call, hijack, "extra_generation_params", dict(params))
+
+    def _literal_text(self, call: contextlib.ExitStack) -> None:
+        """Make the WebUI's wrappers tokenize captions as plain text for one call (kohya without
+        ``weighted_captions``): emphasis "None" (no ``(x:1.1)``/``[x]`` weights and no ``BREAK``:
+        the parser is skipped), the old emphasis implementation off (it has its own parser), and no
+        textual-inversion lookup (an embedding's name stays its words). Per call, not per session:
+        previews between steps go through txt2img, where the user's prompt syntax must still work."""
+        set_option_for_session(call, EMPHASIS_OPTION, "None")
+        set_option_for_session(call, OLD_EMPHASIS_OPTION, False)
+        dbs = {id(w.hijack.embedding_db): w.hijack.embedding_db for w in self._text_wrappers() if w.hijack is not None}
+        for db in dbs.values():
+            shadow_method(call, db, "find_embedding_at_position", _no_embedding)
 
     def _sdxl_batch(self, texts: list[str], size_cond: Sequence[SizeCond] | None) -> dict[str, Any]:
         if size_cond is None:
