@@ -42,7 +42,7 @@ from lora_trainer.files.card_preview import write_card_preview
 from lora_trainer.files.resume_state import StateFileError, load_state_info
 from lora_trainer.files.safetensors_format import read_safetensors_header
 from lora_trainer.log import logger
-from lora_trainer.train.callbacks import Callbacks, StepInfo
+from lora_trainer.train.callbacks import Callbacks, StepInfo, TrainResult
 from lora_trainer.train.device import device_throughput, is_out_of_memory, release_memory
 from lora_trainer.train.loop import state_dir_for, train
 from lora_trainer.train.memory import GB, Plan, estimate, format_bytes, settings_from_config
@@ -79,6 +79,7 @@ class Job:
     skipped_steps: int = 0  # steps skipped for NaN/inf loss or gradients (lora_trainer.train.guards)
     eta_s: float | None = None
     losses: list[float | None] = dataclasses.field(default_factory=list)
+    val_losses: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # {"step", "epoch", "loss"}
     samples: list[str] = dataclasses.field(default_factory=list)
     saved: list[str] = dataclasses.field(default_factory=list)
     output_file: str | None = None
@@ -129,6 +130,7 @@ class Job:
             "finished_at": self.finished_at,
             "restored": self.restored,
             "resumable": self.resumable,
+            "val_losses": self.val_losses,
             **({"losses": self.losses} if with_losses else {}),
         }
 
@@ -159,6 +161,10 @@ class _JobCallbacks(Callbacks):
 
     def on_save(self, path: Path, final: bool) -> None:
         self.job.saved.append(str(path))
+
+    def on_validation(self, step: int, epoch: int, loss: float) -> None:
+        self.job.val_losses.append({"step": step, "epoch": epoch, "loss": loss})
+        self.host.on_job_progress(self.job)
 
     def on_sample(self, step: int, epoch: int) -> None:
         cfg = self.job.config
@@ -275,13 +281,8 @@ class JobManager:
                 callbacks = _JobCallbacks(job, host, host.work_dir / "samples" / job.id)
                 plan = self._plan_quietly(job.config)
                 existing = _lora_files(job.config.save.output_dir)
-                with host.training_session() as adapter:
-                    peak = _PeakMemory(adapter.device)
-                    try:
-                        result = train(job.config, adapter, callbacks, work_dir=host.work_dir, resume=job.resume)
-                    finally:
-                        job.memory = _memory_report(plan, peak.measured())
-            job.losses = list(result.losses)
+                result = self._train(job, callbacks, plan)
+            job.losses, job.val_losses = list(result.losses), list(result.val_losses)
             if result.output_path is None:
                 job.state, job.phase = "stopped", "Stopped before the first step: nothing saved"
                 return
@@ -302,6 +303,17 @@ class JobManager:
                 self._supersede(job)
             with contextlib.suppress(Exception):
                 host.on_job_end(job)
+            release_memory()  # what the run held (network, optimizer, caches) is unreachable by now
+
+    def _train(self, job: Job, callbacks: _JobCallbacks, plan: Plan | None) -> TrainResult:
+        """The run inside the host's training session; what it built dies with this frame."""
+        host = self.host
+        with host.training_session() as adapter:
+            peak = _PeakMemory(adapter.device)
+            try:
+                return train(job.config, adapter, callbacks, work_dir=host.work_dir, resume=job.resume)
+            finally:
+                job.memory = _memory_report(plan, peak.measured())
 
     def _supersede(self, job: Job) -> None:
         """Earlier stopped jobs of ``job``'s output name are no longer what a resume continues: the

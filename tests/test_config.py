@@ -78,7 +78,13 @@ def changed_config() -> TrainConfig:
             "dataset.cache_latents": False,
             "dataset.cache_latents_to_disk": True,  # invalid without cache_latents: still round-trips
             "dataset.cache_text_encoder_outputs": True,  # invalid with shuffle_caption: still round-trips
-            "network.network_module": "networks.lora",  # the only choice
+            "network.network_module": "lycoris.kohya",
+            "network.algo": "lokr",
+            "network.dora_wd": True,  # invalid with lokr: still round-trips
+            "network.factor": 8,
+            "network.decompose_both": True,
+            "network.full_matrix": True,
+            "network.use_tucker": True,
             "network.network_dim": 64,
             "network.network_alpha": 32.5,
             "network.conv_dim": 8,
@@ -88,6 +94,17 @@ def changed_config() -> TrainConfig:
             "network.module_dropout": 0.3,
             "network.train_unet": False,
             "network.train_text_encoder": False,
+            "network.loraplus_lr_ratio": 16.0,
+            "network.loraplus_unet_lr_ratio": 8.0,
+            "network.loraplus_text_encoder_lr_ratio": 4.0,
+            "network.block_dims": ",".join(["4"] * 25),
+            "network.block_alphas": ",".join(["2"] * 25),
+            "network.conv_block_dims": ",".join(["0", "8"] * 12 + ["8"]),
+            "network.conv_block_alphas": ",".join(["1.5"] * 25),
+            "network.down_lr_weight": "sine+0.1",
+            "network.mid_lr_weight": "0.5",
+            "network.up_lr_weight": ",".join(["1", "0.5"] * 6),
+            "network.block_lr_zero_threshold": 0.05,
             "optim.optimizer_type": "Prodigy",
             "optim.optimizer_args": {"weight_decay": 0.01, "betas": [0.9, 0.99], "decouple": True, "mode": "x"},
             "optim.learning_rate": 1.0,
@@ -129,6 +146,13 @@ def changed_config() -> TrainConfig:
             "sample.sample_seed": 7,
             "sample.sample_width": 512,
             "sample.sample_height": 768,
+            "validation.validation_split": 0.1,
+            "validation.validation_count": 3,  # invalid with validation_split: still round-trips
+            "validation.validation_data_dir": "/data/val",
+            "validation.validation_seed": 99,
+            "validation.validate_every_n_steps": 50,
+            "validation.validate_every_n_epochs": 2,
+            "validation.max_validation_steps": 8,
         }
     )
 
@@ -405,10 +429,27 @@ def test_toml_uses_kohya_names_kohya_can_read():
     assert flat["network_dim"] == 64
     assert flat["network_alpha"] == 32.5
     assert flat["network_args"] == [
+        "algo=lokr",
+        "dora_wd=True",
+        "factor=8",
+        "decompose_both=True",
+        "full_matrix=True",
+        "use_tucker=True",
         "conv_dim=8",
         "conv_alpha=4.0",
         "rank_dropout=0.2",
         "module_dropout=0.3",
+        "loraplus_lr_ratio=16.0",
+        "loraplus_unet_lr_ratio=8.0",
+        "loraplus_text_encoder_lr_ratio=4.0",
+        f"block_dims={','.join(['4'] * 25)}",
+        f"block_alphas={','.join(['2'] * 25)}",
+        f"conv_block_dims={','.join(['0', '8'] * 12 + ['8'])}",
+        f"conv_block_alphas={','.join(['1.5'] * 25)}",
+        "down_lr_weight=sine+0.1",
+        "mid_lr_weight=0.5",
+        f"up_lr_weight={','.join(['1', '0.5'] * 6)}",
+        "block_lr_zero_threshold=0.05",
     ]
     assert flat["network_train_unet_only"] is True
     assert flat["network_train_text_encoder_only"] is True
@@ -424,7 +465,7 @@ def test_toml_uses_kohya_names_kohya_can_read():
     assert "max_train_epochs" not in flat
     # our extras do not land on kohya argument names
     kohya_names = set(C.KOHYA_UNMAPPED) | {f.kohya for f in FIELDS if f.kohya} | {"network_args"}
-    assert set(flat) - kohya_names == {"format", "dataset", "save", "sample", "training"}
+    assert set(flat) - kohya_names == {"format", "dataset", "save", "sample", "training", "validation"}
     assert cfg.to_kohya_args()["network_args"] == flat["network_args"]
 
 
@@ -577,8 +618,8 @@ def test_kohya_legacy_and_list_forms():
 
 
 def test_unsupported_kohya_settings_are_reported(log_records):
-    parsed = parse_toml('color_aug = true\nxformers = true\nnetwork_args = ["block_dims=2,4,4"]\n')
-    assert parsed.ignored == {"color_aug": True, "xformers": True, "network_args.block_dims": "2,4,4"}
+    parsed = parse_toml('color_aug = true\nxformers = true\nnetwork_args = ["exclude_patterns=x"]\n')
+    assert parsed.ignored == {"color_aug": True, "xformers": True, "network_args.exclude_patterns": "x"}
     warnings = [r.getMessage() for r in log_records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1
     assert "color_aug=True" in warnings[0]
@@ -638,7 +679,20 @@ INVALID = [
     ({"network.network_dropout": 1.0}, "network.network_dropout", "less than 1"),
     ({"network.rank_dropout": -0.1}, "network.rank_dropout", "at least 0"),
     ({"network.module_dropout": 1.5}, "network.module_dropout", "less than 1"),
-    ({"network.network_module": "lycoris.kohya"}, "network.network_module", "'networks.lora'"),
+    ({"network.loraplus_lr_ratio": 0}, "network.loraplus_lr_ratio", "greater than 0"),
+    ({"network.loraplus_unet_lr_ratio": -1}, "network.loraplus_unet_lr_ratio", "greater than 0"),
+    ({"network.loraplus_text_encoder_lr_ratio": 2000}, "network.loraplus_text_encoder_lr_ratio", "at most 1024"),
+    ({"network.block_lr_zero_threshold": -0.1}, "network.block_lr_zero_threshold", "at least 0"),
+    ({"network.block_dims": "4,4"}, "network.block_dims", "must have 25 or 23 values"),
+    ({"network.block_alphas": "1,x"}, "network.block_alphas", "comma-separated numbers"),
+    ({"network.conv_block_dims": "4"}, "network.conv_block_dims", "got 1"),
+    ({"network.conv_block_alphas": "a"}, "network.conv_block_alphas", "comma-separated numbers"),
+    ({"network.down_lr_weight": "wave"}, "network.down_lr_weight", "or a curve: cosine"),
+    ({"network.mid_lr_weight": "sine"}, "network.mid_lr_weight", "comma-separated numbers"),
+    ({"network.up_lr_weight": "1,,2"}, "network.up_lr_weight", "comma-separated numbers"),
+    ({"network.network_module": "networks.lokr"}, "network.network_module", "'networks.lora', 'lycoris.kohya'"),
+    ({"network.algo": "ia3"}, "network.algo", "'lora', 'locon', 'loha', 'lokr'"),
+    ({"network.factor": -2}, "network.factor", "from -1 to 1024"),
     ({"network.train_unet": False, "network.train_text_encoder": False}, "network.train_unet", "nothing would be"),
     ({"optim.optimizer_type": "Adam"}, "optim.optimizer_type", "'AdamW', 'AdamW8bit', 'Lion', 'Prodigy', 'Adafactor'"),
     ({"optim.optimizer_type": "adamw8bit"}, "optim.optimizer_type", "did you mean 'AdamW8bit'"),
@@ -730,6 +784,22 @@ INVALID = [
     ({"sample.sample_seed": -1}, "sample.sample_seed", "from 0 to 4294967295"),
     ({"sample.sample_width": 500}, "sample.sample_width", "multiple of 8"),
     ({"sample.sample_height": 32}, "sample.sample_height", "from 64 to 4096"),
+    ({"validation.validation_split": 1.0}, "validation.validation_split", "less than 1"),
+    ({"validation.validation_count": 0}, "validation.validation_count", "from 1 to 100000"),
+    ({"validation.validation_seed": -1}, "validation.validation_seed", "from 0 to 4294967295"),
+    ({"validation.validate_every_n_steps": 0}, "validation.validate_every_n_steps", "from 1 to 1000000"),
+    ({"validation.validate_every_n_epochs": 0}, "validation.validate_every_n_epochs", "from 1 to 1000000"),
+    ({"validation.max_validation_steps": 0}, "validation.max_validation_steps", "from 1 to 1000000"),
+    (
+        {"validation.validation_split": 0.2, "validation.validation_count": 2},
+        "validation.validation_count",
+        "not both",
+    ),
+    (
+        {"validation.validation_count": 2, "validation.validation_data_dir": "v"},
+        "validation.validation_data_dir",
+        "replaces",
+    ),
 ]
 
 
@@ -892,7 +962,8 @@ def test_kohya_names():
     assert kohya["network.train_unet"] == "network_train_text_encoder_only"
     assert kohya["network.train_text_encoder"] == "network_train_unet_only"
     network_args = {f.kohya for f in FIELDS if C.LEAF_BY_PATH[f.path].meta.get("kohya_network_arg")}
-    assert network_args == {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"}
+    assert {"conv_dim", "conv_alpha", "rank_dropout", "module_dropout"} <= network_args
+    assert {"loraplus_lr_ratio", "block_dims", "down_lr_weight", "block_lr_zero_threshold"} <= network_args
     assert not set(kohya.values()) & C.KOHYA_UNMAPPED  # a kohya name is either ours or reported as ignored
 
 

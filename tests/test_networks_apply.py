@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import os
 import sys
 import types
@@ -27,6 +28,8 @@ from lora_trainer.networks.network import LoRANetwork, network_from_weights, spl
 from lora_trainer.networks.registry import detect_algorithm, loadable_algorithm
 from tests.fixtures.fake_webui import FakeWebUI
 from tests.fixtures.fake_webui.lora import golden_table
+from tests.fixtures.networks import VARIANTS as LYCO_VARIANTS
+from tests.fixtures.networks import random_network as lyco_random_network
 from tests.fixtures.training import make_config
 from tests.fixtures.webui_models import TinyAdapter, build_webui_model, webui_text_encoders
 
@@ -258,11 +261,13 @@ def test_dora_rank_dropout_only_in_training(make_webui):
 
 WEBUI_DIR = Path(os.environ.get("LORA_TRAINER_WEBUI_DIR", "/tmp/webui-live/webui"))
 LORA_EXTENSION = WEBUI_DIR / "extensions-builtin" / "Lora"
+REAL_MODULES = ("network", "lyco_helpers", "network_lora", "network_hada", "network_lokr")
 
 
 @pytest.fixture
 def real_network_lora(monkeypatch):
-    """The WebUI's own ``network_lora`` module (its ``network.py`` and ``lyco_helpers.py`` too),
+    """The WebUI's own ``network_lora`` module (its ``network.py`` and ``lyco_helpers.py`` too;
+    ``network_hada`` and ``network_lokr`` import from the same place while it is active),
     imported from a local WebUI checkout over stub ``modules``; skipped when there is none."""
     if not (LORA_EXTENSION / "network_lora.py").is_file():
         pytest.skip(f"no WebUI checkout at {WEBUI_DIR} (set LORA_TRAINER_WEBUI_DIR)")
@@ -277,13 +282,13 @@ def real_network_lora(monkeypatch):
         parent, _, child = name.rpartition(".")
         if parent:
             monkeypatch.setattr(stubs[parent], child, stub, raising=False)
-    for name in ("network", "lyco_helpers", "network_lora"):
+    for name in REAL_MODULES:
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.syspath_prepend(str(LORA_EXTENSION))
     try:
         yield importlib.import_module("network_lora"), importlib.import_module("network")
     finally:
-        for name in ("network", "lyco_helpers", "network_lora"):
+        for name in REAL_MODULES:
             sys.modules.pop(name, None)
 
 
@@ -310,3 +315,56 @@ def test_real_webui_calc_updown_equals_the_trained_delta(tmp_path, real_network_
                 ours = getattr(trained, name).delta_weight(base)
             scale = max(1.0, float(ours.abs().max()))
             assert float((updown - ours).abs().max()) <= 0.1 * FP16_EPS * scale, (name, multiplier)
+
+
+def real_webui_worst_diffs(tmp_path: Path, family: str, label: str) -> dict[torch.dtype, float]:
+    """The largest abs difference, per dtype of the saved tensors, between the WebUI's own
+    ``calc_updown`` for each saved LoHa/LoKr module (picked by its module types, in the WebUI's
+    order) and the trainer's merged delta, at multiplier 1 and 0.7.
+
+    The WebUI keeps these modules' tensors in the file's dtype (fp16 here) and multiplies them in
+    it, so its delta is the trained one within fp16 rounding (a few fp16 steps of the delta's
+    largest value); given the same tensors in fp32, its maths gives the trained delta to fp32 rounding.
+    """
+    import network
+    import network_hada
+    import network_lokr
+    import network_lora
+
+    algorithm, options = LYCO_VARIANTS[label]
+    expected = {"loha": network_hada.NetworkModuleHada, "lokr": network_lokr.NetworkModuleLokr}[algorithm]
+    module_types = [network_lora.ModuleTypeLora(), network_hada.ModuleTypeHada(), network_lokr.ModuleTypeLokr()]
+    trained = lyco_random_network(build_webui_model(family, "tiny"), algorithm, options)
+    state, _ = load_lora(save(tmp_path, trained, label))
+    table = golden_table(family)
+    worst = {torch.float16: 0.0, torch.float32: 0.0}
+    for (dtype, tolerance), multiplier in itertools.product(
+        ((torch.float16, 4 * FP16_EPS), (torch.float32, 2.0**-20)), (1.0, 0.7)
+    ):
+        trained.set_multiplier(multiplier)
+        net = types.SimpleNamespace(te_multiplier=multiplier, unet_multiplier=multiplier, dyn_dim=None)
+        for name, parts in split_modules(state).items():
+            assert {v.dtype for v in parts.values()} == {torch.float16}  # as saved
+            target = trained.targets[name]
+            tensors = {k: v.to(dtype) for k, v in parts.items()}
+            weights = network.NetworkWeights(name, table[name][1], tensors, target.module)
+            real = next(m for t in module_types if (m := t.create_module(net, weights)) is not None)
+            assert isinstance(real, expected), name
+            base = target_weight(target).detach()
+            updown, _ = real.calc_updown(base)
+            with torch.no_grad():
+                ours = getattr(trained, name).delta_weight(base)
+            assert updown.shape == ours.shape, name
+            diff = float((updown.float() - ours).abs().max())
+            assert diff <= tolerance * max(1.0, float(ours.abs().max())), (name, dtype, multiplier, diff)
+            worst[dtype] = max(worst[dtype], diff)
+    return worst
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("label", list(LYCO_VARIANTS))
+def test_real_webui_calc_updown_equals_the_trained_loha_and_lokr_delta(tmp_path, real_network_lora, family, label):
+    """LoHa and LoKr (Tucker, factor, both factors decomposed, full matrix) through the WebUI's own
+    ``network_hada.py``/``network_lokr.py``: the merged delta the trainer applies."""
+    worst = real_webui_worst_diffs(tmp_path, family, label)
+    assert worst[torch.float32] < worst[torch.float16] < 0.1

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -22,22 +21,15 @@ from torch import nn
 
 from lora_trainer.errors import LoraFileError
 from lora_trainer.files.lora_file import load_lora, save_lora
-from lora_trainer.naming import Target, find_targets
+from lora_trainer.naming import Target
 from lora_trainer.networks.lokr import LoKrModule, factorization
 from lora_trainer.networks.network import LoRANetwork, network_from_weights, split_modules
 from lora_trainer.networks.registry import detect_algorithm, get_algorithm, loadable_algorithm
 from tests.fixtures.fake_webui import FakeWebUI
+from tests.fixtures.networks import VARIANTS, random_network
 from tests.fixtures.training import make_config
 from tests.fixtures.webui_models import TinyAdapter, webui_text_encoders
 
-# label -> (algorithm, its options)
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "loha": ("loha", {}),
-    "loha_tucker": ("loha", {"use_tucker": True}),
-    "lokr": ("lokr", {}),
-    "lokr_factor_both_tucker": ("lokr", {"factor": 4, "decompose_both": True, "use_tucker": True}),
-    "lokr_full": ("lokr", {"full_matrix": True}),
-}
 FP16_EPS = 2.0**-10
 MAX_DIFF: dict[tuple[str, str], float] = {}
 
@@ -52,20 +44,6 @@ def make_webui(tmp_path):
             return fake
 
         yield make
-
-
-def random_network(fake: FakeWebUI, algorithm: str, options: dict[str, Any], seed: int = 3) -> LoRANetwork:
-    unet, text_encoders = fake.sd_model.model.diffusion_model, webui_text_encoders(fake.sd_model)
-    targets = find_targets(fake.family, unet, text_encoders, conv=True)
-    network = LoRANetwork(
-        targets, rank=2, alpha=3, conv_rank=2, conv_alpha=1, algorithm=algorithm, algorithm_args=options
-    )
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        for module in network.loras():
-            for p in module.parameters():
-                p.copy_((torch.randn_like(p) * 0.5).half().float())
-    return network
 
 
 def probes(network: LoRANetwork) -> dict[str, tuple[nn.Module, torch.Tensor, bool]]:

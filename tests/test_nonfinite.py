@@ -304,18 +304,28 @@ def test_job_status_shows_skipped_steps_and_the_stop_reason(tmp_path):
     assert not list(host.lora_dir.glob("*.safetensors"))
 
 
-@pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
-def test_a_run_whose_every_step_was_skipped_writes_no_file(tmp_path, dtype_name):
+@pytest.mark.parametrize(
+    ("dtype_name", "kind", "reason"),
+    [
+        ("fp32", "nan_loss", r"the loss was NaN/inf at all 3 steps.*check that txt2img works"),
+        ("fp16", "nan_loss", r"the loss was NaN/inf at all 3 steps"),
+        ("fp32", "inf_grad", r"all 3 steps were skipped for NaN/inf losses or gradients"),
+        ("fp16", "inf_grad", r"all 3 steps were skipped.*loss scale needs some steps"),
+    ],
+)
+def test_a_run_whose_every_step_was_skipped_writes_no_file(tmp_path, dtype_name, kind, reason):
     """A run that trained nothing (every step skipped, here 3 steps, fewer than the in-a-row limit)
-    ends with a reason instead of writing a LoRA that changes nothing."""
+    ends with a reason instead of writing a LoRA that changes nothing: a loss that is never finite
+    points at the model or the captions, skipped gradients at fp16's loss scale."""
     adapter = half_model(dtype_name)
-    inject(adapter, "nan_loss", {1, 2, 3})
+    inject(adapter, kind, {1, 2, 3})
     cfg = make_config(tmp_path, **{"training.max_train_steps": 3})
     snapshot = model_snapshot(adapter)
     rec = Record()
-    with pytest.raises(NonFiniteError, match=r"Nothing was trained: all 3 steps were skipped"):
+    with pytest.raises(NonFiniteError, match=rf"Nothing was trained: {reason}"):
         train(cfg, adapter, rec, work_dir=tmp_path / "work")
     assert_model_unchanged(adapter, snapshot)
     assert no_lora_files(tmp_path)
-    assert rec.infos[0].loss is None
-    assert rec.infos[0].avg_loss is None  # no finite loss yet: nothing to average, nothing made up
+    if kind == "nan_loss":
+        assert rec.infos[0].loss is None
+        assert rec.infos[0].avg_loss is None  # no finite loss yet: nothing to average, nothing made up

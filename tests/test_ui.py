@@ -96,7 +96,12 @@ def test_sections_show_every_group_once():
     shown = [group for section in fields.SECTIONS for group in section.groups]
     assert sorted(shown) == sorted(GROUPS)
     assert len(shown) == len(set(shown))
-    assert [s.title for s in fields.SECTIONS] == ["Dataset", "Network & optimizer", "Training", "Save & samples"]
+    assert [s.title for s in fields.SECTIONS] == [
+        "Dataset",
+        "Network & optimizer",
+        "Training & validation",
+        "Save & samples",
+    ]
     assert sum(len(fields.section_fields(s)) for s in fields.SECTIONS) == len(FIELDS)
 
 

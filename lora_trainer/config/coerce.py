@@ -70,6 +70,8 @@ def _coerce_value(kind: str, value: Any) -> Any:
         return float(value)
     if kind == "str" and isinstance(value, str):
         return value
+    if kind == "str" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a network arg read as a number ("mid_lr_weight=0.5"): kohya keeps its text
     if kind == "str_list" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)
     if kind == "dict" and isinstance(value, Mapping):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from lora_trainer.config.coerce import coerce, short, unknown
-from lora_trainer.config.meta import FORMAT_VERSION, OPTIMIZERS, Leaf, jsonable
+from lora_trainer.config.meta import FORMAT_VERSION, LYCORIS_MODULE, OPTIMIZERS, Leaf, jsonable
 from lora_trainer.config.model import GROUPS, LEAF_BY_PATH, LEAVES, TrainConfig, config_from_groups
 from lora_trainer.errors import ConfigError
 from lora_trainer.log import logger
@@ -34,6 +34,7 @@ _KOHYA_SECTIONS = {
     "training": "training_arguments",
     "save": "saving_arguments",
     "sample": "sample_prompt_arguments",
+    "validation": "validation_arguments",
 }
 _KOHYA_TO_LEAF = {
     leaf.meta["kohya"]: leaf for leaf in LEAVES if "kohya" in leaf.meta and not leaf.meta.get("kohya_network_arg")
@@ -63,7 +64,7 @@ KOHYA_UNMAPPED = _names(
     ip_noise_gamma_random_strength keep_tokens_separator log_config log_prefix log_tracker_config
     log_tracker_name log_with logging_dir logit_mean logit_std loss_type lowram lr_decay_steps lr_scheduler_args
     lr_scheduler_min_lr_ratio lr_scheduler_timescale lr_scheduler_type masked_loss max_data_loader_n_workers
-    max_timestep max_validation_steps mem_eff_attn metadata_is_negative_embedding metadata_license
+    max_timestep mem_eff_attn metadata_is_negative_embedding metadata_license
     metadata_merged_from metadata_preprocessor metadata_thumbnail metadata_trigger_phrase metadata_usage_hint
     min_timestep mode_scale multires_noise_discount multires_noise_iterations network_weights no_half_vae
     no_metadata noise_offset_random_strength offload_optimizer_device offload_optimizer_nvme_path
@@ -74,7 +75,7 @@ KOHYA_UNMAPPED = _names(
     save_state_on_train_end save_state_to_huggingface scale_v_pred_loss_like_noise_pred scale_weight_norms sdpa
     secondary_separator skip_cache_check skip_until_initial_step text_encoder_batch_size token_warmup_min
     token_warmup_step tokenizer_cache_dir torch_compile use_safetensors v2 v_parameterization v_pred_like_loss
-    vae vae_batch_size validate_every_n_epochs validate_every_n_steps validation_seed validation_split
+    vae vae_batch_size
     wandb_api_key wandb_run_name weighting_scheme xformers zero3_init_flag
     zero3_save_16bit_model zero_stage zero_terminal_snr
     """
@@ -97,8 +98,6 @@ _KOHYA_INERT = _names(
 # networks.lora create_network() keyword arguments we do not support.
 _KOHYA_UNMAPPED_NETWORK_ARGS = _names(
     """
-    block_dims block_alphas conv_block_dims conv_block_alphas down_lr_weight mid_lr_weight up_lr_weight
-    block_lr_zero_threshold loraplus_lr_ratio loraplus_unet_lr_ratio loraplus_text_encoder_lr_ratio
     exclude_patterns include_patterns
     """
 )
@@ -188,6 +187,15 @@ def _parse_kv_list(path: str, value: Any, *, literal: bool) -> dict[str, Any]:
     return out
 
 
+def _network_arg_bool(leaf: Leaf, arg: Any) -> bool:
+    """A true/false network argument ("dora_wd=True"), any case, as LyCORIS's kohya module writes them.
+    LyCORIS takes any word but "false" as true; here another word is an error, so a typo is not a switch."""
+    text = str(arg).lower()
+    if text not in ("true", "false"):
+        raise ConfigError(leaf.path, f"network_args '{leaf.meta['kohya']}' must be True or False, got {short(arg)}")
+    return text == "true"
+
+
 def _parse_scalar(text: str) -> Any:
     for convert in (int, float):
         try:
@@ -246,6 +254,17 @@ class _Reader:
             logger.warning("kohya settings: max_train_epochs overrides max_train_steps, as in kohya")
             self.values["training.max_train_steps"] = None
             self.where["training.max_train_steps"] = "kohya's max_train_epochs (which overrides max_train_steps)"
+        self._lycoris_conv_defaults()
+
+    def _lycoris_conv_defaults(self) -> None:
+        """LyCORIS trains the 3x3 convs at the network's rank and alpha unless conv_dim/conv_alpha say otherwise."""
+        if self.values.get("network.network_module") != LYCORIS_MODULE:
+            return
+        for conv, plain in (("conv_dim", "network_dim"), ("conv_alpha", "network_alpha")):
+            if f"network.{conv}" not in self.values:
+                leaf = LEAF_BY_PATH[f"network.{plain}"]
+                value = self.values.get(leaf.path, leaf.meta["kohya_default"])
+                self.put(f"network.{conv}", value, f"LyCORIS's default {conv} (= {plain})")
 
     def _read_kohya_key(self, name: str, value: Any, source: str, flat: dict[str, tuple[Any, str]]) -> None:
         if name == "network_args":
@@ -266,7 +285,10 @@ class _Reader:
     def _read_network_args(self, value: Any) -> None:
         for key, arg in _parse_kv_list("network.network_args", value, literal=False).items():
             if key in _NETWORK_ARG_LEAVES:
-                self.put(_NETWORK_ARG_LEAVES[key].path, arg, f"network_args '{key}'")
+                leaf = _NETWORK_ARG_LEAVES[key]
+                self.put(
+                    leaf.path, _network_arg_bool(leaf, arg) if leaf.kind == "bool" else arg, f"network_args '{key}'"
+                )
             elif key in _KOHYA_UNMAPPED_NETWORK_ARGS:
                 self.ignored[f"network_args.{key}"] = arg
             else:
@@ -389,6 +411,11 @@ def _kohya_value(leaf: Leaf, value: Any) -> Any:
     return jsonable(value)
 
 
+def _lycoris_writes(leaf: Leaf, values: dict[str, Any]) -> bool:
+    """conv_dim/conv_alpha are always written for LyCORIS, whose defaults for them are the network's."""
+    return values["network.network_module"] == LYCORIS_MODULE and leaf.name in ("conv_dim", "conv_alpha")
+
+
 def kohya_and_ours(config: TrainConfig) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The set settings as kohya arguments, and by group those kohya lacks (for ``[lora_train.*]``)."""
     values = {leaf.path: value for leaf, value in config.leaf_values()}
@@ -407,7 +434,8 @@ def kohya_and_ours(config: TrainConfig) -> tuple[dict[str, Any], dict[str, dict[
             ours[leaf.group][leaf.name] = jsonable(value)
         elif leaf.meta.get("kohya_network_arg"):
             kohya.setdefault("network_args", network_args)
-            if value != leaf.default:  # absent = the default, in kohya (None/1.0) and here alike
+            if value != leaf.default or _lycoris_writes(leaf, values):
+                # absent = the default, in kohya (None/1.0) and here alike; LyCORIS's conv defaults differ
                 network_args.append(f"{kohya_name}={value}")
         else:
             kohya[kohya_name] = _kohya_value(leaf, value)

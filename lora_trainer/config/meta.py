@@ -4,7 +4,7 @@ Every setting is a dataclass field whose ``metadata`` holds its label and help, 
 default, and its limits (``ge``/``gt``/``le``/``lt``/``choices``). ``Leaf`` is the flat record of one
 such field (``"network.network_dim"``) that validation, TOML, the JSON schema and the UI all read.
 The choice lists come from where they are implemented (optimizers and schedulers from
-``lora_trainer.train.names``, network modules from ``lora_trainer.networks.registry``).
+``lora_trainer.train.names``, network modules and LyCORIS algorithms from ``lora_trainer.networks.registry``).
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ from collections.abc import Mapping
 from dataclasses import field
 from typing import Any, NamedTuple, Union, get_args, get_origin, get_type_hints
 
-from lora_trainer.networks.registry import NETWORK_MODULES
+from lora_trainer.networks.registry import LYCORIS_ALGOS, LYCORIS_MODULE, NETWORK_MODULES
 from lora_trainer.train.names import LR_SCHEDULERS, OPTIMIZERS
 
 __all__ = [
     "FORMAT_VERSION",
     "LR_SCHEDULERS",
+    "LYCORIS_ALGOS",
+    "LYCORIS_MODULE",
     "MAX_RESOLUTION",
     "MAX_SEED",
     "MAX_TOKEN_LENGTHS",

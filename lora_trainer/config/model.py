@@ -22,6 +22,7 @@ from lora_trainer.config.groups import (
 )
 from lora_trainer.config.meta import Leaf, build_leaves, jsonable
 from lora_trainer.config.validate import FIELD_CHECKS, check_limits, cross_checks
+from lora_trainer.config.validation_group import ValidationConfig
 from lora_trainer.errors import ConfigError
 
 __all__ = ["GROUPS", "GROUP_CLASSES", "LEAF_BY_PATH", "LEAVES", "TrainConfig", "config_from_groups"]
@@ -46,6 +47,9 @@ class TrainConfig:
     save: SaveConfig = field(default_factory=SaveConfig, metadata={"label": "Saving", "help": SaveConfig.__doc__})
     sample: SampleConfig = field(
         default_factory=SampleConfig, metadata={"label": "Previews", "help": SampleConfig.__doc__}
+    )
+    validation: ValidationConfig = field(
+        default_factory=ValidationConfig, metadata={"label": "Validation loss", "help": ValidationConfig.__doc__}
     )
 
     # -- validation ----------------------------------------------------------------------------
@@ -158,7 +162,7 @@ class TrainConfig:
 
 
 GROUPS = tuple(f.name for f in dataclasses.fields(TrainConfig))
-"""The group names, in order: dataset, network, optim, training, save, sample."""
+"""The group names, in order: dataset, network, optim, training, save, sample, validation."""
 GROUP_CLASSES: dict[str, type] = {f.name: cast(type, f.default_factory) for f in dataclasses.fields(TrainConfig)}
 LEAVES: tuple[Leaf, ...] = build_leaves(GROUP_CLASSES)
 """Every setting in display order (groups in ``TrainConfig`` order, fields in class order)."""

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from typing import Any
 
 from lora_trainer.config.meta import MAX_RESOLUTION, MIN_RESOLUTION, RESOLUTION_MULTIPLE, Leaf
+from lora_trainer.config.network_group import check_network_type
+from lora_trainer.config.validation_group import check_validation
 from lora_trainer.errors import ConfigError
 from lora_trainer.filenames import bad_name_chars, is_windows_reserved
 
@@ -143,7 +145,40 @@ def _check_list(what: str, *, no_commas: bool = False) -> Callable[[list[str]], 
     return check
 
 
+_LR_CURVES = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+
+
+def _check_block_list(counts: tuple[int, ...], *, curves: bool = False) -> Callable[[str], str | None]:
+    """A kohya per-block list: comma-separated numbers (``counts``: the lengths allowed; empty = any)."""
+
+    def check(text: str) -> str | None:
+        name, _, base = text.partition("+")
+        if curves and name.strip() in _LR_CURVES and (not base or re.fullmatch(r"\s*-?[\d.]+\s*", base)):
+            return None
+        try:
+            values = [float(part) for part in text.split(",")]
+        except ValueError:
+            extra = f", or a curve: {', '.join(_LR_CURVES)}" if curves else ""
+            return f"must be comma-separated numbers{extra}; got {text!r}"
+        if counts and len(values) not in counts:
+            sizes = " or ".join(str(c) for c in counts)
+            return f"must have {sizes} values (one per UNet block: 25 for SD1/SD2, 23 for SDXL), got {len(values)}"
+        return None
+
+    return check
+
+
+_BLOCK_LIST_CHECKS = {
+    **{
+        f"network.{name}": _check_block_list((25, 23))
+        for name in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
+    },
+    **{f"network.{name}": _check_block_list((), curves=True) for name in ("down_lr_weight", "up_lr_weight")},
+    "network.mid_lr_weight": _check_block_list(()),
+}
+
 FIELD_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    **_BLOCK_LIST_CHECKS,
     "dataset.train_data_dir": lambda v: (
         None if v.strip() else "is required: the folder holding '<repeats>_<name>' subfolders of images and captions"
     ),
@@ -300,12 +335,14 @@ def _check_previews(v: dict[str, Any]) -> list[ConfigError]:
 
 _CROSS_CHECKS = (
     _check_trained_parts,
+    check_network_type,
     _check_learning_rates,
     _check_warmup,
     _check_latent_cache,
     _check_text_cache,
     _check_buckets,
     _check_previews,
+    check_validation,
 )
 
 

@@ -477,7 +477,19 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
     lines.append(f"network   {report['network_type']}: {report['module_count']} modules ({types}; {kinds})")
     if report["dora_modules"]:
         lines.append(f"          {report['dora_modules']} modules carry dora_scale")
-    return lines
+    return lines + _settings_lines(report["metadata"])
+
+
+def _settings_lines(md: dict[str, Any]) -> list[str]:
+    """The network's settings as the metadata records them: kohya's module and its network_args."""
+    if "network_module" not in md:
+        return []
+    try:
+        args = json.loads(md.get("network_args") or "{}")
+    except ValueError:
+        args = {}
+    listed = ", ".join(f"{k} {v}" for k, v in args.items()) if isinstance(args, dict) else ""
+    return [f"settings  {md['network_module']}" + (f": {listed}" if listed else "")]
 
 
 def _rank_alpha_lines(report: dict[str, Any]) -> list[str]:

@@ -60,11 +60,20 @@ class TrainingInfo:
     rank_dropout: float | None = None
     module_dropout: float | None = None
     network_module: str = "networks.lora"
+    lycoris_args: dict[str, str] = field(default_factory=dict)  # LyCORIS's own network args ("algo": "loha")
+    block_args: dict[str, str] = field(default_factory=dict)  # LoRA+ and per-block network args, as written
     # data
     resolution: int | tuple[int, int] | None = None  # None: the family's native size
     num_train_images: int = 0
     num_reg_images: int = 0
     num_validation_images: int = 0
+    # validation loss (kohya's --validation_* arguments, as given; None when unset)
+    validation_seed: int | None = None
+    validation_split: float = 0.0
+    max_validation_steps: int | None = None
+    validate_every_n_epochs: int | None = None
+    validate_every_n_steps: int | None = None
+    val_losses: list[dict] | None = None  # ours: {"step", "epoch", "loss"} per evaluation so far
     num_batches_per_epoch: int = 0
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
     dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -196,8 +205,11 @@ def _arg_str(value: Any) -> str:
 
 
 def _network_args(info: TrainingInfo) -> dict[str, str]:
-    args: dict[str, str] = {}
-    if info.conv_dim:
+    args: dict[str, str] = dict(info.lycoris_args)
+    if info.network_module == "lycoris.kohya":  # LyCORIS's conv defaults are the network's: always say them
+        args["conv_dim"] = _arg_str(info.conv_dim or 0)
+        args["conv_alpha"] = _arg_str(info.conv_alpha if info.conv_alpha is not None else info.network_alpha)
+    elif info.conv_dim:
         args["conv_dim"] = _arg_str(info.conv_dim)
         if info.conv_alpha is not None:
             args["conv_alpha"] = _arg_str(info.conv_alpha)
@@ -205,6 +217,7 @@ def _network_args(info: TrainingInfo) -> dict[str, str]:
         args["rank_dropout"] = _arg_str(info.rank_dropout)
     if info.module_dropout:
         args["module_dropout"] = _arg_str(info.module_dropout)
+    args |= info.block_args
     return args
 
 
@@ -263,7 +276,7 @@ def build_metadata(info: TrainingInfo, *, minimal: bool = False, modelspec: bool
     """kohya's metadata for ``info``: ``ss_*`` keys (all values str), then ``modelspec.*``.
 
     ``minimal``: only kohya's ``--no_metadata`` key set (family markers and network shape).
-    ``sshs_*`` hashes are added by :func:`save_lora`. ``lora_train.stopped_early`` is ours.
+    ``sshs_*`` hashes are added by :func:`save_lora`. ``lora_train.stopped_early`` and ``lora_train.val_losses`` are ours.
     """
     _check_family(info.family)
     family = info.family
@@ -333,11 +346,11 @@ def build_metadata(info: TrainingInfo, *, minimal: bool = False, modelspec: bool
         "ss_huber_c": info.huber_c,
         "ss_fp8_base": bool(info.fp8_base),
         "ss_fp8_base_unet": False,
-        "ss_validation_seed": None,
-        "ss_validation_split": 0.0,
-        "ss_max_validation_steps": None,
-        "ss_validate_every_n_epochs": None,
-        "ss_validate_every_n_steps": None,
+        "ss_validation_seed": info.validation_seed,
+        "ss_validation_split": float(info.validation_split),
+        "ss_max_validation_steps": info.max_validation_steps,
+        "ss_validate_every_n_epochs": info.validate_every_n_epochs,
+        "ss_validate_every_n_steps": info.validate_every_n_steps,
         "ss_resize_interpolation": None,
         # kohya's branch without --dataset_config (one dataset, folder-based): flat keys, not ss_datasets
         "ss_batch_size_per_device": info.batch_size,
@@ -395,4 +408,6 @@ def build_metadata(info: TrainingInfo, *, minimal: bool = False, modelspec: bool
             )
         )
     metadata[OWN_KEY_PREFIX + "stopped_early"] = str(bool(info.stopped_early))
+    if info.val_losses:  # kohya keeps no loss values in the file; ours, so the tab can suggest an epoch later
+        metadata[OWN_KEY_PREFIX + "val_losses"] = json.dumps(info.val_losses)
     return metadata

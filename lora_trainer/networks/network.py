@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 import torch
@@ -32,8 +32,9 @@ class LoRANetwork(nn.Module):
     """Modules of one algorithm (``algorithm``, default kohya's LoRA/LoCon) on ``targets``.
 
     Targets that ``uses_conv_dim`` (3x3 convs) get ``conv_rank``/``conv_alpha``, the rest
-    ``rank``/``alpha``; a rank of 0 leaves the target out. ``algorithm_args`` are passed to
-    the algorithm's module class as keyword arguments.
+    ``rank``/``alpha``; a rank of 0 leaves the target out. ``rank_alpha``, when given, returns a
+    target's own (rank, alpha), or None for the above (per-block ranks, ``networks.blocks``).
+    ``algorithm_args`` are passed to the algorithm's module class as keyword arguments.
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class LoRANetwork(nn.Module):
         dtype: torch.dtype = torch.float32,
         algorithm: str = "lora",
         algorithm_args: Mapping[str, Any] | None = None,
+        rank_alpha: Callable[[Target], tuple[int, float | None] | None] | None = None,
     ):
         super().__init__()
         self.targets: dict[str, Target] = {}
@@ -58,6 +60,8 @@ class LoRANetwork(nn.Module):
         cls = get_algorithm(algorithm)
         for t in targets:
             r, a = (conv_rank, conv_alpha) if t.uses_conv_dim else (rank, alpha)
+            if rank_alpha is not None:
+                r, a = rank_alpha(t) or (r, a)
             if r <= 0:
                 continue
             module = cls(

@@ -28,8 +28,14 @@ from lora_trainer.errors import LoraFileError
 if TYPE_CHECKING:
     from lora_trainer.networks.base import NetworkModule
 
-NETWORK_MODULES: dict[str, str] = {"networks.lora": "lora"}
-"""kohya ``network_module`` -> our algorithm name."""
+LYCORIS_MODULE = "lycoris.kohya"
+"""LyCORIS's kohya ``network_module``; its ``algo`` network argument picks the algorithm."""
+
+NETWORK_MODULES: dict[str, str] = {"networks.lora": "lora", LYCORIS_MODULE: "lora"}
+"""kohya ``network_module`` -> our algorithm name (for LyCORIS: its default ``algo``, lora)."""
+
+LYCORIS_ALGOS: dict[str, str] = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}
+"""LyCORIS ``algo`` values offered -> our algorithm name (``dora_wd=True`` with lora/locon is "dora")."""
 
 ALGORITHM_MODULES: dict[str, str] = {
     "lora": "lora_trainer.networks.lora",

@@ -42,6 +42,7 @@ class TrainResult:
     seed: int = 0
     skipped_steps: int = 0  # steps skipped for NaN/inf loss or gradients (their losses are in ``losses``)
     upcast_latents: int = 0  # images the VAE gave NaN/inf for, encoded again in float32
+    val_losses: list[dict] = field(default_factory=list)  # {"step", "epoch", "loss"} per validation (train.validation)
 
 
 class Callbacks:
@@ -62,6 +63,9 @@ class Callbacks:
 
     def on_sample(self, step: int, epoch: int) -> None:
         """Time for sample images: the network is attached, in eval mode, with no autograd."""
+
+    def on_validation(self, step: int, epoch: int, loss: float) -> None:
+        """A validation loss was measured (``lora_trainer.train.validation``) after ``step`` steps."""
 
 
 class ProgressMeter:

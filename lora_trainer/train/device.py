@@ -6,7 +6,10 @@ CPU: MemAvailable), ``device_throughput`` the matmul figure the plan's seconds p
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
+import sys
 import time
 
 import torch
@@ -61,7 +64,8 @@ def _sync(device: torch.device) -> None:
 
 
 def release_memory(exc: BaseException | None = None) -> None:
-    """Let go of what an out-of-memory error holds: its tracebacks' frames, then collect and empty the cache."""
+    """Let go of what an out-of-memory error holds (its tracebacks' frames), then collect, empty the
+    device cache and trim the heap: after an error and at the end of every run."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -70,6 +74,16 @@ def release_memory(exc: BaseException | None = None) -> None:
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``): freed CPU tensors
+    otherwise stay in the process's resident size."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

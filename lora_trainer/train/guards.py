@@ -45,6 +45,7 @@ from lora_trainer.log import logger
 
 MAX_BAD_STEPS_IN_A_ROW = 5
 SCALE_FLOOR = 1.0
+LOSS_SKIP = "a NaN/inf loss"  # the reason StepGuard.skip is given for a non-finite loss
 
 _HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -98,6 +99,7 @@ class StepGuard:
         self.limit = limit
         self.skipped = 0  # every skipped step, scaler skips included
         self.in_a_row = 0  # counted skips since the last good step
+        self.loss_skips = 0  # skips for a non-finite loss (this session of the run)
 
     def ok(self) -> None:
         """An optimizer step was taken."""
@@ -105,16 +107,26 @@ class StepGuard:
 
     def require_progress(self, steps: int) -> None:
         """Raise NonFiniteError when all ``steps`` steps of the run were skipped (nothing was trained)."""
-        if steps and self.skipped >= steps:
+        if not steps or self.skipped < steps:
+            return
+        if self.loss_skips >= steps:  # the loss itself, not an fp16 gradient overflow
             raise NonFiniteError(
-                f"Nothing was trained: all {steps} steps were skipped for NaN/inf losses or gradients, so no "
-                "LoRA file was written. On an fp16 model the loss scale needs some steps to settle: train "
-                "more steps, or use bf16 where the GPU has it, or the WebUI's --no-half (fp32)."
+                f"Nothing was trained: the loss was NaN/inf at all {steps} steps, so no LoRA file was written. "
+                "The model gives non-finite outputs for these images or captions: check that txt2img works "
+                "with this checkpoint and VAE, and with weighted_captions on, try the WebUI's emphasis "
+                'option "No norm" or captions without emphasis weights.'
             )
+        raise NonFiniteError(
+            f"Nothing was trained: all {steps} steps were skipped for NaN/inf losses or gradients, so no "
+            "LoRA file was written. On an fp16 model the loss scale needs some steps to settle: train "
+            "more steps, or use bf16 where the GPU has it, or the WebUI's --no-half (fp32)."
+        )
 
     def skip(self, step: int, what: str, *, counts: bool = True) -> None:
         """Step ``step`` was skipped because of ``what``; raises NonFiniteError at the limit."""
         self.skipped += 1
+        if what == LOSS_SKIP:
+            self.loss_skips += 1
         if counts:
             self.in_a_row += 1
         logger.warning("Step %d skipped: %s (%d skipped so far)", step, what, self.skipped)

@@ -55,11 +55,13 @@ from lora_trainer.networks.network import LoRANetwork
 from lora_trainer.train import objectives
 from lora_trainer.train.callbacks import Callbacks, ProgressMeter, TrainResult
 from lora_trainer.train.guard import checkpointed, frozen_base, unet_blocks
-from lora_trainer.train.guards import SCALE_FLOOR, StepGuard, grads_finite, precision_plan
+from lora_trainer.train.guards import LOSS_SKIP, SCALE_FLOOR, StepGuard, grads_finite, precision_plan
+from lora_trainer.train.network_setup import block_plan_for, network_groups, rank_alpha_for
 from lora_trainer.train.oom import oom_phase, train_steps
-from lora_trainer.train.optim import build_optimizer, build_scheduler, current_lrs, param_groups_for
+from lora_trainer.train.optim import build_optimizer, build_scheduler, current_lrs
 from lora_trainer.train.phases import TextOutputCache, cache_text_outputs, step_parts
 from lora_trainer.train.run_info import training_info
+from lora_trainer.train.validation import Validator, split_for_run
 
 TE_GROUPS = ("te", "te1", "te2")
 
@@ -109,7 +111,8 @@ class _Run:
         self.resumed_file: Path | None = None  # the file a stopped run wrote, when resuming it
 
         ds = cfg.dataset
-        self.items = scan_dataset(ds.train_data_dir, ds.caption_extension, flat_repeats=ds.dataset_repeats)
+        found = scan_dataset(ds.train_data_dir, ds.caption_extension, flat_repeats=ds.dataset_repeats)
+        self.items, val_items = split_for_run(cfg, found, self.seed)  # held-out images are never trained
         buckets = BucketSettings(
             resolution=ds.resolution_wh,
             enable_bucket=ds.enable_bucket,
@@ -145,17 +148,19 @@ class _Run:
         self.text_outputs: TextOutputCache | None = None  # cache_text_encoder_outputs, filled before the steps
         self.alphas = adapter.alphas_cumprod.to(self.device, torch.float32)
         self.clip_skip = cfg.training.clip_skip or getattr(adapter, "default_clip_skip", 1)
+        self.validator = Validator(self, val_items, buckets, self.seed) if val_items else None
 
     # -- setup
 
     def _build_network(self) -> None:
         cfg, net = self.cfg, self.cfg.network
         a = self.adapter
+        plan = block_plan_for(net, a.family)  # kohya's per-block ranks and lr weights, if set
         targets = find_targets(
             a.family,
             a.unet if net.train_unet else None,
             a.text_encoders if net.train_text_encoder else None,
-            conv=net.conv_dim > 0,
+            conv=net.conv_dim > 0 or bool(plan and plan.conv_dims),
         )
         self.network = LoRANetwork(
             targets,
@@ -167,12 +172,11 @@ class _Run:
             rank_dropout=net.rank_dropout,
             module_dropout=net.module_dropout,
             algorithm=net.algorithm,
+            algorithm_args=net.algorithm_args,
+            rank_alpha=rank_alpha_for(plan),
         )
-        unet_params = self.network.parameters_of(("unet",))
-        te_params = self.network.parameters_of(TE_GROUPS)
-        groups = param_groups_for(
-            unet_params, te_params, cfg.optim.resolved_unet_lr, cfg.optim.resolved_text_encoder_lr
-        )
+        lrs = (cfg.optim.resolved_unet_lr, cfg.optim.resolved_text_encoder_lr, cfg.optim.learning_rate)
+        groups = network_groups(self.network, net, plan, *lrs)
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = build_optimizer(
             cfg.optim.optimizer_type, groups, cfg.optim.learning_rate, cfg.optim.optimizer_args
@@ -309,7 +313,7 @@ class _Run:
         step = self.step + 1
         try:
             if not loss_finite:
-                self.guard.skip(step, "a NaN/inf loss")
+                self.guard.skip(step, LOSS_SKIP)
             elif self._apply_gradients(step):
                 self.scheduler.step()
                 self.guard.ok()
@@ -361,6 +365,8 @@ class _Run:
             with oom_phase("latent caching"):
                 self._cache_latents()
                 self._cache_text_outputs()
+                if self.validator:
+                    self.validator.prepare()
             if resume_state is not None:
                 # after the caching: the VAE samples its latents with the global generator (the WebUI's
                 # encode), so the cache is built from the seed as in the uninterrupted run, and the steps
@@ -378,6 +384,8 @@ class _Run:
         self.callbacks.on_start(self.total_steps, self.total_epochs)
         epoch, first_batch = self.position
         while self.step < self.total_steps and self._run_epoch(result, epoch, first_batch):
+            if self.validator and self.validator.due_at_epoch(epoch):
+                self.validator.run_at(result, epoch)
             if _every(cfg.save.save_every_n_epochs, epoch):
                 self._save(result, f"{cfg.save.output_name}-{epoch:06d}", epoch)
             if _every(cfg.sample.sample_every_n_epochs, epoch):
@@ -387,6 +395,8 @@ class _Run:
         if self.step == 0:
             return
         self.guard.require_progress(self.step)
+        if self.validator:
+            self.validator.run_at(result, result.epochs)
         result.output_path = self._save(result, cfg.save.output_name, result.epochs, final=True)
         if cfg.save.save_state or result.stopped_early:
             result.state_dir = self._save_state(result)
@@ -419,6 +429,8 @@ class _Run:
             lrs = current_lrs(self.optimizer)
             info = self.meter.update(self.step, epoch, self.total_epochs, loss_sum / micro, lrs, self.guard.skipped)
             self.callbacks.on_step(info)
+            if self.validator and _every(cfg.validation.validate_every_n_steps, self.step):
+                self.validator.run_at(result, epoch)
             loss_sum, micro, finite = 0.0, 0, True
             done = self.step >= self.total_steps
             if done and batch["batch_index"] == last and _every(cfg.sample.sample_every_n_epochs, epoch):

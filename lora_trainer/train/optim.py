@@ -23,7 +23,7 @@ import functools
 import math
 import numbers
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any, cast
 
 import torch
@@ -62,28 +62,58 @@ def param_groups_for(
     te_params: Iterable[torch.nn.Parameter],
     unet_lr: float | None,
     te_lr: float | None,
+    *,
+    default_lr: float | None = None,
+    plus: Collection[torch.nn.Parameter] = (),
+    unet_plus_ratio: float | None = None,
+    te_plus_ratio: float | None = None,
+    unet_blocks: Iterable[tuple[int, float, list[torch.nn.Parameter]]] | None = None,
 ) -> list[dict[str, Any]]:
     """Optimizer param groups ``[{"name": "unet", "params": [...], "lr": unet_lr}, {"name": "text_encoder", ...}]``.
 
     A group with no parameters is left out. As in kohya, so is a group whose learning rate is 0
     (that part is not trained). An lr of None leaves the key out so the optimizer's default lr applies.
     The ``name`` key is carried by the optimizer's param groups; :func:`current_lrs` reports by it.
+
+    kohya's extras (``prepare_optimizer_params``): ``unet_blocks`` (block index, lr weight, parameters)
+    replaces the one UNet group by one group per block, ``unet_block<i>``, at the UNet lr x weight.
+    LoRA+: with a ratio for its part, the ``plus`` parameters (the lora_up weights) of each group get a
+    group of their own, ``<name>_plus``, at that group's lr x ratio. Both need an lr: a part's lr of
+    None is then ``default_lr``.
     """
+    parts: list[tuple[str, list[torch.nn.Parameter], float | None, float | None]] = []
+    if unet_blocks is None:
+        parts.append(("unet", list(unet_params), unet_lr, unet_plus_ratio))
+    else:
+        base = unet_lr if unet_lr is not None else default_lr
+        for index, weight, params in unet_blocks:
+            parts.append((f"unet_block{index}", params, None if base is None else base * weight, unet_plus_ratio))
+    parts.append(("text_encoder", list(te_params), te_lr, te_plus_ratio))
+    plus_ids = {id(p) for p in plus}
     groups: list[dict[str, Any]] = []
-    for name, params, lr in (("unet", unet_params, unet_lr), ("text_encoder", te_params, te_lr)):
-        params = [p for p in params if p.requires_grad]
-        if not params:
+    for name, params, lr, ratio in parts:
+        if ratio is None:
+            groups += _group(name, params, lr)
             continue
-        if lr is not None and lr == 0:
-            logger.info(f"learning rate of the {name} is 0: its LoRA weights are not trained")
-            continue
-        group: dict[str, Any] = {"name": name, "params": params}
-        if lr is not None:
-            if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-                raise ConfigError(_LR_FIELD, f"the {name} learning rate must be a positive number, got {lr!r}")
-            group["lr"] = float(lr)
-        groups.append(group)
+        lr = lr if lr is not None else default_lr
+        groups += _group(name, [p for p in params if id(p) not in plus_ids], lr)
+        groups += _group(f"{name}_plus", [p for p in params if id(p) in plus_ids], None if lr is None else lr * ratio)
     return groups
+
+
+def _group(name: str, params: Iterable[torch.nn.Parameter], lr: float | None) -> list[dict[str, Any]]:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return []
+    if lr is not None and lr == 0:
+        logger.info(f"learning rate of the {name} is 0: its LoRA weights are not trained")
+        return []
+    group: dict[str, Any] = {"name": name, "params": params}
+    if lr is not None:
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ConfigError(_LR_FIELD, f"the {name} learning rate must be a positive number, got {lr!r}")
+        group["lr"] = float(lr)
+    return [group]
 
 
 # --------------------------------------------------------------------------- optimizer_args

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from lora_trainer.data.scan import dataset_dirs_info, dataset_tag_frequency
 from lora_trainer.files.kohya_metadata import TrainingInfo, optimizer_string
+from lora_trainer.train.network_setup import block_network_args
 
 if TYPE_CHECKING:
     from lora_trainer.train.loop import _Run
@@ -20,6 +21,19 @@ def _clip_skip(run: _Run) -> int | None:
     if run.adapter.family == "sdxl" or run.clip_skip == 1:
         return None
     return run.clip_skip
+
+
+def _validation_info(run: _Run) -> dict:
+    """The validation settings kohya writes (``ss_validation_*``) and the losses measured so far (ours)."""
+    v = run.cfg.validation
+    return {
+        "validation_seed": v.validation_seed,
+        "validation_split": v.validation_split,
+        "max_validation_steps": v.max_validation_steps,
+        "validate_every_n_epochs": v.validate_every_n_epochs,
+        "validate_every_n_steps": v.validate_every_n_steps,
+        "val_losses": [p.to_dict() for p in run.validator.points] if run.validator else None,
+    }
 
 
 def training_info(run: _Run, epoch: int, stopped_early: bool) -> TrainingInfo:
@@ -41,8 +55,13 @@ def training_info(run: _Run, epoch: int, stopped_early: bool) -> TrainingInfo:
         network_dropout=net.network_dropout or None,
         rank_dropout=net.rank_dropout or None,
         module_dropout=net.module_dropout or None,
+        network_module=net.network_module,
+        lycoris_args=net.lycoris_args,
+        block_args=block_network_args(net),
         resolution=ds.resolution_wh,
         num_train_images=run.dataset.num_train_images,
+        num_validation_images=len(run.validator.items) if run.validator else 0,
+        **_validation_info(run),
         num_batches_per_epoch=len(run.dataset),
         tag_frequency=dataset_tag_frequency(run.items),
         dataset_dirs=dataset_dirs_info(run.items),

@@ -100,7 +100,7 @@ class Section(NamedTuple):
 SECTIONS: tuple[Section, ...] = (
     Section("dataset", "Dataset", ("dataset",)),
     Section("network", "Network & optimizer", ("network", "optim")),
-    Section("training", "Training", ("training",)),
+    Section("training", "Training & validation", ("training", "validation")),
     Section("save", "Save & samples", ("save", "sample")),
 )
 

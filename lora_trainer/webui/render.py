@@ -191,14 +191,35 @@ def _points(values: Sequence[float], lo: float, hi: float) -> str:
     )
 
 
-def loss_svg(losses: Sequence[float]) -> str:
-    """Loss per step (thin) and its moving average (bold), scaled to the run so far."""
+def _val_points(val_losses: Sequence[dict], steps: int, lo: float, hi: float) -> str:
+    """The validation losses ({"step", "loss"}) placed at their steps on the x axis of a ``steps``-step plot."""
+    span, last = hi - lo or 1.0, max(steps - 1, 1)
+    return " ".join(
+        f"{PLOT_W * (p['step'] - 1) / last:.1f},{PLOT_H - (PLOT_H - 8) * (p['loss'] - lo) / span - 4:.1f}"
+        for p in val_losses
+    )
+
+
+def _val_line(points: str) -> str:
+    if not points:
+        return ""
+    return (
+        f'<polyline class="lora_train_plot_val" points="{points}" fill="none" stroke="#2563eb" '
+        'stroke-width="2" stroke-dasharray="4 2" vector-effect="non-scaling-stroke"><title>validation loss</title>'
+        "</polyline>"
+    )
+
+
+def loss_svg(losses: Sequence[float], val_losses: Sequence[dict] = ()) -> str:
+    """Loss per step (thin) and its moving average (bold), scaled to the run so far; the validation loss
+    (``val_losses``: {"step", "loss"} per measurement) as a third line with a dot per measurement."""
     values = [v for v in losses if v is not None and math.isfinite(v)]
     if len(values) < 2:
         return '<div class="lora_train_plot lora_train_plot_empty">The loss curve appears after two steps.</div>'
     shown = _downsample(values, PLOT_POINTS)
     smooth = _ema(shown, alpha=min(1.0, 10 / len(shown)))
-    lo, hi = min(shown), max(shown)
+    val = [p for p in val_losses if math.isfinite(p.get("loss", math.nan))]
+    lo, hi = min(shown + [p["loss"] for p in val]), max(shown + [p["loss"] for p in val])
     raw_line = _points(shown, lo, hi)
     avg_line = _points(smooth, lo, hi)
     return (
@@ -210,7 +231,8 @@ def loss_svg(losses: Sequence[float]) -> str:
         'stroke-width="1" vector-effect="non-scaling-stroke"/>'
         f'<polyline class="lora_train_plot_avg" points="{avg_line}" fill="none" stroke="#f97316" '
         'stroke-width="2" vector-effect="non-scaling-stroke"/>'
-        "</svg>"
+        + _val_line(_val_points(val, len(losses), lo, hi))
+        + "</svg>"
         f'<div class="lora_train_plot_x"><span>step 1</span><span>step {len(values)}</span></div>'
         "</div>"
     )

@@ -382,7 +382,7 @@ class _Actions:
         values: list[tuple[str, Any, Callable[[Any], Any]]] = [
             ("model", render.model_html(info), lambda v: v),
             ("status", render.status_html(data), lambda v: v),
-            ("plot", render.loss_svg(data["losses"] if data else []), lambda v: v),
+            ("plot", render.loss_svg(data["losses"], data["val_losses"]) if data else render.loss_svg([]), lambda v: v),
             ("samples", list(data["samples"]) if data else [], lambda v: gr.update(value=v, visible=bool(v))),
             ("start", can_start, lambda v: gr.update(interactive=v)),
             ("resume", can_start, lambda v: gr.update(interactive=v)),

@@ -19,6 +19,10 @@ The rules of thumb checked, each a warning with a stable ``code``:
 
 When a step rule fails, :attr:`Advice.suggestions` gives the smallest repeats (same epochs) and
 the smallest epochs (same repeats) that satisfy both step rules.
+
+``held_out``: images held out of training for the validation loss (``lora_trainer.data.split``);
+they are counted in ``validation_images`` and left out of every other number (their repeats are
+the folders' average).
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ class Suggestion:
 class Advice(Report):
     """The numbers, the warnings (code + text) and, if needed, suggestions. ``ok``: no warnings."""
 
-    images: int = 0
+    images: int = 0  # training images (without the held-out ones)
+    validation_images: int = 0  # held out for the validation loss
     samples_per_epoch: int = 0  # images * repeats
     repeats: float = 0.0  # average repeats per image
     epochs: int = 0
@@ -101,6 +106,7 @@ def advise(
     min_images: int = MIN_IMAGES,
     min_steps_per_image: int = MIN_STEPS_PER_IMAGE,
     min_total_steps: int = MIN_TOTAL_STEPS,
+    held_out: int = 0,
 ) -> Advice:
     """Advice for ``folders``, a list of (images, repeats) per concept folder, or a number of
     images with ``repeats`` (default 1)."""
@@ -109,9 +115,10 @@ def advise(
     folders = [(_whole("images", n, 0), _whole("repeats", r, 1)) for n, r in folders]
     epochs = _whole("training.max_train_epochs", epochs, 1)
     batch = _whole("training.train_batch_size", batch_size, 1)
-    images = sum(n for n, _ in folders)
-    samples = sum(n * r for n, r in folders)
-    a = Advice(images=images, samples_per_epoch=samples, epochs=epochs, batch_size=batch)
+    images, samples, held = _hold_out(
+        sum(n for n, _ in folders), sum(n * r for n, r in folders), _whole("held_out", held_out, 0)
+    )
+    a = Advice(images=images, samples_per_epoch=samples, epochs=epochs, batch_size=batch, validation_images=held)
     if images == 0:
         a.warnings.append(AdviceWarning("no_images", "The dataset has no images; import some first.", "error"))
         a.ok = False
@@ -168,6 +175,14 @@ def advise(
                 break
     a.ok = not a.warnings
     return a
+
+
+def _hold_out(images: int, samples: int, held: int) -> tuple[int, int, int]:
+    """(training images, training samples, held-out images) once ``held`` images are held out."""
+    held = min(held, images)
+    if not held:
+        return images, samples, 0
+    return images - held, samples - round(samples * held / images), held
 
 
 def _suggest(images: int, r: int, e: int, batch: int, note: str) -> Suggestion:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from lora_trainer.data.buckets import BucketSettings
 from lora_trainer.data.layout import WORKSHOP_STATE_DIR, is_workshop_image, parse_subset_folder
+from lora_trainer.data.split import held_out_count
 from lora_trainer.errors import ConfigError, DatasetError
 from lora_trainer.workshop import advisor, importer, sizing
 from lora_trainer.workshop import tags as tag_editor
@@ -424,14 +425,25 @@ class Workspace:
 
     # -- advice
 
-    def advise(self, epochs: int, batch_size: int = 1, **rules: int) -> advisor.Advice:
-        """Step counts and warnings for training this workspace (its folders' images and repeats)."""
+    def advise(
+        self,
+        epochs: int,
+        batch_size: int = 1,
+        *,
+        validation_split: float = 0.0,
+        validation_count: int | None = None,
+        **rules: int,
+    ) -> advisor.Advice:
+        """Step counts and warnings for training this workspace (its folders' images and repeats), with the
+        images a validation split holds out left out (``advisor.Advice.validation_images``)."""
         counts: dict[str, int] = {}
         for p in iter_images(self.path):
             f = p.relative_to(self.path).parts[0]
             counts[f] = counts.get(f, 0) + 1
         folders = [(counts.get(f.name, 0), r) for f, r, _ in concept_folders(self.path)]
-        return advisor.advise(folders or 0, epochs, batch_size, **rules)
+        images = sum(n for n, _ in folders)
+        held = held_out_count(images, validation_split, validation_count) if images else 0
+        return advisor.advise(folders or 0, epochs, batch_size, held_out=held, **rules)
 
 
 def _now() -> str:

@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from modules import call_queue, devices, shared
 from torch import nn
 
 from lora_trainer.backends.webui import options
+from lora_trainer.backends.webui.attention import TrainingAttention, planned_attention, use_training_attention
 from lora_trainer.backends.webui.guard import lora_extension, model_guard, no_block_checkpointing, take_networks_off
 from lora_trainer.backends.webui.model import (
     WebUIAdapter,
@@ -69,6 +71,13 @@ def _format_eta(seconds: float | None) -> str:
 
 def _torch_gc() -> None:
     devices.torch_gc()
+
+
+def _unet_dtype(sd_model: nn.Module | None) -> torch.dtype:
+    """The dtype the loaded model's UNet computes in (the WebUI's default without a model)."""
+    unet = getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+    weight = next(iter(unet.parameters()), None) if isinstance(unet, nn.Module) else None
+    return weight.dtype if weight is not None else devices.dtype_unet
 
 
 def _clear_cond_cache() -> None:
@@ -141,6 +150,7 @@ class WebUIHost:
         self._sample_seed = random.randint(0, MAX_SEED)
         self._trained: tuple[weakref.ref, str] | None = None  # the model of the last run, and its checkpoint
         self._placement: LowVramPlacement | None = None  # a run's placement under --medvram/--lowvram
+        self._attention: TrainingAttention | None = None  # a run's attention in place of the WebUI's
 
     # -- folders
 
@@ -177,13 +187,11 @@ class WebUIHost:
         return ModelInfo(family, checkpoint, vae, environment_problem(sd_model))
 
     def free_memory(self) -> DeviceMemory:
-        """The WebUI's device now (``torch.cuda.mem_get_info`` on CUDA, available RAM on the CPU), its
-        attention optimisation and --medvram/--lowvram placement, for the memory plan."""
-        from modules import sd_hijack
-
-        attention = str(getattr(sd_hijack.model_hijack, "optimization_method", None) or "")
+        """The WebUI's device now (``torch.cuda.mem_get_info`` on CUDA, available RAM on the CPU), the
+        attention a run trains with and the --medvram/--lowvram placement, for the memory plan."""
         cmd_opts = shared.cmd_opts
         sd_model = loaded_model()
+        attention = planned_attention(devices.device, _unet_dtype(sd_model))
         sdxl = bool(getattr(sd_model, "is_sdxl", False))
         placement = ""
         if getattr(cmd_opts, "lowvram", False):
@@ -226,6 +234,8 @@ class WebUIHost:
             take_networks_off(sd_model)
             stack.enter_context(model_guard(sd_model))
             no_block_checkpointing(sd_model.model.diffusion_model, stack)
+            self._attention = use_training_attention(stack, devices.device, _unet_dtype(sd_model))
+            stack.callback(setattr, self, "_attention", None)
             placement = None
             if is_lowvram(sd_model):
                 placement = stack.enter_context(taken_over(sd_model))
@@ -397,8 +407,12 @@ class WebUIHost:
                 override_settings_restore_afterwards=True,
             )
             p.disable_extra_networks = True  # <lora:...> in a preview prompt would merge into the weights
-            placement = self._placement
-            with contextlib.closing(p), placement.webui_placement() if placement else contextlib.nullcontext():
+            placement, attention = self._placement, self._attention
+            with (
+                contextlib.closing(p),
+                placement.webui_placement() if placement else contextlib.nullcontext(),
+                attention.webui_choice() if attention else contextlib.nullcontext(),  # the WebUI's attention
+            ):
                 processed = processing.process_images(p)  # under --medvram/--lowvram with the WebUI's hooks
             first = int(getattr(processed, "index_of_first_image", 0) or 0)
             images = list(processed.images)[first:]
