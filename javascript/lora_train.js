@@ -145,12 +145,13 @@
 
     // The Training tab's epochs, batch size and max steps, for the dataset workshop's advice
     // (its Advise button sends these instead of its own boxes); each falls back to the given value.
+    function value(path) {
+        const el = byId(fieldId(path));
+        const input = el && el.querySelector("input, textarea");
+        return input ? input.value : null;
+    }
+
     function trainingValues(epochs, batch, steps) {
-        function value(path) {
-            const el = byId(fieldId(path));
-            const input = el && el.querySelector("input, textarea");
-            return input ? input.value : null;
-        }
         const e = value("training.max_train_epochs");
         const b = value("training.train_batch_size");
         const s = value("training.max_train_steps");
@@ -159,6 +160,12 @@
             b !== null && b !== "" ? Number(b) : batch,
             s !== null ? s : steps,
         ];
+    }
+
+    function validationValues(split, count) {
+        const s = value("validation.validation_split");
+        const c = value("validation.validation_count");
+        return [s !== null && s !== "" ? Number(s) : split, c !== null ? c : count];
     }
 
     let ready = false;
@@ -185,6 +192,7 @@
         markInvalid: markInvalid,
         setup: setup,
         trainingValues: trainingValues,
+        validationValues: validationValues,
     };
 
     if (typeof onUiLoaded === "function") {

@@ -32,9 +32,13 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from lora_trainer.config import TrainConfig
+    from lora_trainer.grid import GridCell, GridSettings
     from lora_trainer.jobs import Job
     from lora_trainer.train.memory import ModelProfile
+    from lora_trainer.tryout import PairRequest
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -249,4 +253,19 @@ class Host(Protocol):
 
     def sample_images(self, prompts: Sequence[str], cfg: TrainConfig, step: int) -> list[Any]:
         """Images (PIL) for the prompts with the network being trained attached."""
+        ...
+
+    def generate_grid_cells(self, cells: Sequence[GridCell], settings: GridSettings) -> list[Image.Image]:
+        """One txt2img image per cell, in order, through the host's own generation: ``cell.full_prompt``
+        (``<lora:NAME:S>`` applied by the host's Lora loader; none at strength 0), ``cell.seed`` and
+        ``settings``. The caller holds :meth:`gpu_lock`. The host's progress shows the cells; on its
+        Interrupt the images so far are returned. Afterwards no network is left on the model."""
+        ...
+
+    def generate_pair(self, request: PairRequest) -> Sequence[Image.Image]:
+        """[with, without]: ``request.prompt`` at ``request.seed`` through the host's own txt2img, once with
+        ``<lora:NAME:strength>`` (applied by the host's Lora loader) and once with no tag of that file
+        (``tryout.pair_prompts``), the rest the same. The caller holds :meth:`gpu_lock`. The host's
+        progress shows the two images; on its Interrupt the images so far are returned. Afterwards no
+        network is left on the model."""
         ...

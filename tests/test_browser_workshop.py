@@ -192,6 +192,16 @@ def test_workshop_from_images_to_training_folder(app, page, tmp_path):
     assert "at least 1500" in advice
     assert box(page, "epochs").input_value() == "10"
     page.screenshot(path=str(tmp_path / "advice.png"), full_page=True)
+    assert "Held out for validation" not in advice
+
+    # The Training tab's validation split (2 images) is left out of the advice.
+    page.evaluate(
+        "() => { document.querySelector('#lora_train_cfg_validation_validation_count')"
+        ".querySelector('input, textarea').value = '2'; }"
+    )
+    page.locator("#lora_train_ws_advise").click()
+    wait_text(page, "#lora_train_ws_advice", "Held out for validation")
+    assert "validation split come from the Training tab" in html(page, "advice").inner_text()
 
     # The training images folder is the workspace; nothing in the sources changed.
     value = page.evaluate(

@@ -209,3 +209,44 @@ def test_multiplier_scales_delta():
     full = lora.delta(x)
     network.set_multiplier(0.5)
     assert torch.allclose(lora.delta(x), full * 0.5)
+
+
+def test_scale_applied_on_the_rank_wide_activation():
+    """The scale multiplies the (B, rank) activation, not the (B, out) output: same values
+    (exactly, for a power-of-two scale), and the output comes straight from ``lora_up``."""
+    layer = nn.Linear(8, 64)
+    network = LoRANetwork([linear_target(layer)], rank=4, alpha=2)  # scale 0.5
+    randomise(network)
+    network.eval()
+    lora = next(network.loras())
+    x = torch.randn(3, 8)
+    delta = lora.delta(x)
+    assert delta is not None
+    assert torch.equal(delta, lora.lora_up(lora.lora_down(x)) * 0.5)
+    assert delta.grad_fn is not None
+    assert delta.grad_fn.name() != "MulBackward0"
+
+
+def test_conv_target_gets_its_input_in_the_standard_layout():
+    """A permuted (channels-last strided) input, as the WebUI's SpatialTransformer gives
+    ``proj_out``, reaches the conv contiguous, so its output is in the standard layout too;
+    the values are those of the layer on that input plus the delta. Detached, nothing stays."""
+    layer = nn.Conv2d(8, 8, 1)
+    seen = []
+    network = LoRANetwork([conv_target(layer)], rank=2, alpha=2)
+    randomise(network)
+    network.eval()
+    x = torch.randn(2, 4, 4, 8).permute(0, 3, 1, 2)  # (b, c, h, w) view of (b, h, w, c)
+    assert not x.is_contiguous()
+    lora = next(network.loras())
+    with torch.no_grad():
+        network.apply_to_model()
+        observer = layer.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous()))
+        y = layer(x)
+        observer.remove()
+        network.remove_from_model()
+        expected = layer(x.contiguous()) + lora.delta(x.contiguous())
+    assert seen[0] is True
+    assert y.is_contiguous()
+    assert torch.allclose(y, expected, atol=1e-6)
+    assert not layer._forward_pre_hooks

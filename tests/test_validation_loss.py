@@ -14,7 +14,7 @@ from lora_trainer.data.scan import scan_dataset
 from lora_trainer.data.split import held_out_count, split_validation
 from lora_trainer.errors import ConfigError
 from lora_trainer.files.lora_file import load_lora
-from lora_trainer.jobs import JobManager
+from lora_trainer.jobs import JobManager, past_jobs
 from lora_trainer.train.callbacks import Callbacks
 from lora_trainer.train.loop import _Run, train
 from lora_trainer.train.validation import fixed_timesteps
@@ -22,7 +22,7 @@ from lora_trainer.webui import render
 from lora_trainer.webui.api import PREFIX, mount
 from lora_trainer.workshop.advisor import advise
 from tests.fixtures.host import FakeHost
-from tests.fixtures.training import make_config, make_dataset
+from tests.fixtures.training import StopAfter, make_config, make_dataset
 from tests.fixtures.webui_models import TinyAdapter
 
 
@@ -198,3 +198,33 @@ def test_api_returns_val_losses(tmp_path):
     assert status["state"] == "done", status
     assert status["val_losses"]
     assert status["val_losses"][-1]["step"] == 2
+
+
+def test_val_losses_survive_a_resume(tmp_path):
+    overrides = {"validation.validate_every_n_steps": 3, "dataset.cache_latents": False}
+    full_cfg = _split_config(tmp_path / "a", **overrides)
+    full = train(full_cfg, TinyAdapter("sd1"), work_dir=tmp_path / "a" / "work")
+    cfg = _split_config(tmp_path / "b", **overrides)
+    partial = train(cfg, TinyAdapter("sd1"), StopAfter(4), work_dir=tmp_path / "b" / "work")
+    assert partial.stopped_early
+    assert [p["step"] for p in partial.val_losses] == [3, 4]
+    resumed = train(cfg, TinyAdapter("sd1"), work_dir=tmp_path / "b" / "work", resume=True)
+    assert [p["step"] for p in full.val_losses] == [3, 6, 8]
+    # the stopped run measured at its stop (step 4) as well; the rest are the uninterrupted run's numbers
+    assert [p for p in resumed.val_losses if p["step"] != 4] == full.val_losses
+    _, meta = load_lora(resumed.output_path)
+    assert json.loads(meta["lora_train.val_losses"]) == resumed.val_losses
+
+
+def test_restored_jobs_read_their_val_losses_back(tmp_path):
+    host = FakeHost(tmp_path)
+    manager = JobManager(host)
+    cfg = _split_config(tmp_path, **{"training.max_train_steps": 2})
+    cfg.save.output_dir = None
+    job = manager.start(cfg)
+    manager.wait(job.id, timeout=120)
+    assert job.state == "done", job.error
+    assert job.val_losses
+    restored = {j.id: j for j in past_jobs(host.work_dir)}[job.id]
+    assert restored.restored
+    assert restored.val_losses == job.val_losses

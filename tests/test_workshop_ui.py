@@ -216,6 +216,16 @@ def test_import_clean_caption_edit_undo_advise(actions, tmp_path):
     assert steps == 1800
     assert epochs == gr.update()
     assert "35 epoch(s)" in advice
+    assert "Held out for validation" not in advice
+
+    # The validation split the Training tab holds out (here 2 of the 6 images) is left out of the steps.
+    advice, *_ = actions.advise("mychar", 2, 2, "", True, 0, "2")
+    assert "<td>Held out for validation</td><td><b>2</b></td>" in advice
+    assert "<td>Total steps</td><td><b>52</b></td>" not in advice
+    assert "validation split come from the Training tab" in advice
+    held, *_ = actions.advise("mychar", 2, 2, "", False, 0.5, "")
+    assert "<td>Held out for validation</td><td><b>3</b></td>" in held
+    assert "Validation split: must be at least 0 and below 1" in actions.advise("mychar", 2, 2, "", False, 1.5)[0]
 
     # The training folder box, and the user's folder untouched.
     assert actions.use_for_training("mychar")[1] == ws.train_data_dir

@@ -3,6 +3,8 @@
 * Linear / Conv2d targets: a forward hook (:func:`delta_hook`) adds the module's delta
   to the layer's output; the layer's own forward (and the WebUI's patched class
   forward) runs unchanged.
+* Conv2d targets also get a pre-hook (:func:`contiguous_input_hook`) that hands the layer
+  its input in the standard memory layout.
 * ``nn.MultiheadAttention`` targets (OpenCLIP) use the fused ``in_proj_weight``
   inside ``F.multi_head_attention_forward``, which no hook can reach, so the instance
   gets its own forward (:func:`mha_forward`) while attached: q/k/v projections plus
@@ -37,6 +39,22 @@ def delta_hook(module: NetworkModule):
         return output if delta is None else output + delta
 
     return hook
+
+
+def contiguous_input_hook(layer, args):
+    """A forward pre-hook for a Conv2d target: its input in the standard (NCHW) memory layout.
+
+    The WebUI's SpatialTransformer hands ``proj_out`` a permuted (channels-last strided)
+    view; a conv on such an input returns channels-last output, and that layout then runs
+    through the rest of the UNet, where every later conv copies its (large) weight to
+    channels-last on each call, forward and backward. One copy of the activation here
+    keeps the whole UNet in the standard layout (diffusers' transformer, as kohya trains
+    it, makes the same copy). Values are unchanged.
+    """
+    x = args[0]
+    if x.dim() == 4 and not x.is_contiguous():
+        return (x.contiguous(), *args[1:])
+    return None
 
 
 def mha_forward(mha: nn.MultiheadAttention, parts: dict[str, NetworkModule]):

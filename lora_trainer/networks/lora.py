@@ -103,7 +103,10 @@ class LoRAModule(NetworkModule):
             keep = torch.rand(shape, device=h.device) > self.rank_dropout
             h = h * keep.to(h.dtype)
             scale = scale / (1.0 - self.rank_dropout)
-        return (self.lora_up(h) * scale).to(x.dtype)
+        # the scale goes on the rank-wide activation, not on the output: the same product
+        # (exactly so when the scale is a power of two, as alpha = rank / 2 is), on rank
+        # instead of out_features values, forward and backward
+        return self.lora_up(h * scale).to(x.dtype)
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """The merged weight delta up @ down * scale * multiplier, shaped like the target's weight (no dropout)."""

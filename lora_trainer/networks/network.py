@@ -24,7 +24,7 @@ from lora_trainer.errors import LoraFileError
 from lora_trainer.log import logger
 from lora_trainer.naming import Target, find_targets
 from lora_trainer.networks.base import NetworkModule
-from lora_trainer.networks.hooks import delta_hook, mha_forward, target_device
+from lora_trainer.networks.hooks import contiguous_input_hook, delta_hook, mha_forward, target_device
 from lora_trainer.networks.registry import get_algorithm, loadable_algorithm
 
 
@@ -116,6 +116,8 @@ class LoRANetwork(nn.Module):
                 if target.kind.startswith("mha_"):
                     mha_parts[cast(nn.MultiheadAttention, target.module)][target.kind[-1]] = module
                 else:
+                    if module.is_conv:
+                        self._handles.append(target.module.register_forward_pre_hook(contiguous_input_hook))
                     self._handles.append(target.module.register_forward_hook(delta_hook(module)))
             for mha, parts in mha_parts.items():
                 self._mha_forwards[mha] = mha.__dict__.get("forward")

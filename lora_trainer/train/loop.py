@@ -492,6 +492,7 @@ class _Run:
             "epoch": epoch,
             "next_batch": next_batch,
             "losses": result.losses,
+            "val_losses": result.val_losses,
             "skipped_steps": self.guard.skipped,
             "output_file": str(result.output_path) if result.output_path else None,
         }
@@ -505,6 +506,10 @@ class _Run:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         result.losses.extend(info.get("losses", []))
+        restored = [p for p in info.get("val_losses", []) if isinstance(p, dict)]
+        result.val_losses.extend(restored)
+        if self.validator:  # the file's metadata lists every measurement, the stopped run's included
+            self.validator.restore(restored)
         self.guard.skipped = result.skipped_steps = int(info.get("skipped_steps", 0))
         self.resumed_file = Path(info["output_file"]) if info.get("output_file") else None
         self.step = int(info["step"])

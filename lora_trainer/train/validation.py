@@ -92,6 +92,10 @@ class Validator:
         self.samples: list[_Sample] = []
         self.points: list[ValPoint] = []
 
+    def restore(self, points: list[dict[str, Any]]) -> None:
+        """Take the measurements of a stopped run (``ValPoint.to_dict`` form) as this run's first ones."""
+        self.points = [ValPoint(int(p["step"]), int(p["epoch"]), float(p["loss"])) for p in points] + self.points
+
     def prepare(self) -> None:
         """Encode the latents (and the conditioning, when fixed) and draw the noise, once."""
         run, a = self.run, self.run.adapter

@@ -13,6 +13,15 @@ Routes (JSON in and out)::
     POST /lora-train/v1/jobs/{id}/resume    continue a resumable job with its settings -> 202, the new job
     POST /lora-train/v1/plan                the memory and time plan of a config (same body as /jobs):
                                             estimated peak vs free memory, parts, s/step, what to change
+    POST /lora-train/v1/grid                an epoch x strength grid on the loaded model: {"files": [...]} or
+                                            {"job": id}, "prompts", "strengths", "seed", "size", "steps",
+                                            "sampler", "cfg_scale" -> {"image", "cells", "suggested", ...}
+    POST /lora-train/v1/keep                keep one file as the final NAME.safetensors: {"file", "job",
+                                            "name", "replace", "remove_others"} -> {"path", "removed", ...}
+    POST /lora-train/v1/test-image          one file at one seed with and without it: {"file"} or {"job"},
+                                            "prompt", "strength", "seed", "width", "height", "steps",
+                                            "cfg_scale", "sampler" -> {"with_lora", "without_lora" (base64
+                                            PNG), "with_prompt", "without_prompt", "complete"}
 
 ``POST /jobs`` takes either the config itself (``{"dataset": {...}, "network": {...}, ...}``,
 missing settings take their defaults) or ``{"preset": name, "config": {...overrides}}``, plus
@@ -53,8 +62,10 @@ from starlette.exceptions import HTTPException
 from lora_trainer.config import TrainConfig, get_preset, list_presets, load_preset
 from lora_trainer.credentials import parse_credentials
 from lora_trainer.errors import ConfigError, DatasetError, IncompatibleModelError, LoraTrainerError
+from lora_trainer.grid import best_file, files_of_job, keep_file, make_grid, settings_from_dict
 from lora_trainer.jobs import Job, JobBusyError, JobManager, UnknownJobError
 from lora_trainer.log import logger
+from lora_trainer.tryout import make_pair, request_from_dict
 
 __all__ = ["PREFIX", "ApiError", "config_from_request", "create_router", "mount"]
 
@@ -311,7 +322,111 @@ def create_router(
         job = await _starting(manager, functools.partial(manager.resume, job_id))
         return job_json(job, status=202)
 
+    _add_result_routes(router, manager)
+    _add_test_image_route(router, manager)
     return router
+
+
+def _add_test_image_route(router: APIRouter, manager: JobManager) -> None:
+    """``POST /test-image``: a file at one seed beside the same seed without it (the tab's test panel)."""
+
+    @router.post("/test-image", summary="One LoRA file at one seed, with and without it, on the loaded model")
+    async def test_image(request: Request) -> JSONResponse:
+        payload = await _json_body(request)
+        pair_request = request_from_dict(payload, manager.list())
+        if manager.current() is not None:
+            raise ApiError(409, "a training run is using the model; try the file when it has ended")
+        result = await run_in_threadpool(make_pair, manager.host, pair_request)
+        return JSONResponse(_jsonable(result.to_dict()))
+
+
+def _add_result_routes(router: APIRouter, manager: JobManager) -> None:
+    """``POST /grid`` and ``POST /keep``: comparing a run's files and keeping one."""
+
+    @router.post("/grid", summary="Epoch x strength grid of LoRA files on the loaded model")
+    async def grid(request: Request) -> JSONResponse:
+        payload = await _json_body(request)
+        if not isinstance(payload, Mapping):
+            raise ApiError(422, "the request body must be a JSON object", "files")
+        settings = settings_from_dict(payload)
+        job, files = _grid_files(manager, payload)
+        if manager.current() is not None:
+            raise ApiError(409, "a training run is using the model; make the grid when it has ended")
+        result = await run_in_threadpool(make_grid, manager.host, files, settings)
+        suggested = best_file(job) if job is not None else None
+        return JSONResponse(_jsonable({**result.to_dict(), "suggested": suggested}))
+
+    @router.post("/keep", summary="Keep one saved file as the final NAME.safetensors")
+    async def keep(request: Request) -> JSONResponse:
+        payload = await _json_body(request)
+        if not isinstance(payload, Mapping):
+            raise ApiError(422, "the request body must be a JSON object", "file")
+        kept = await run_in_threadpool(_keep, manager, payload)
+        return JSONResponse(_jsonable(kept))
+
+
+def _job_of(manager: JobManager, payload: Mapping[str, Any]) -> Job | None:
+    job_id = payload.get("job")
+    if job_id is None:
+        return None
+    if not isinstance(job_id, str):
+        raise ConfigError("job", "must be a job id (see GET /jobs)")
+    try:
+        return manager.get(job_id)
+    except UnknownJobError:
+        raise ConfigError("job", f"no training job {job_id!r}") from None
+
+
+def _grid_files(manager: JobManager, payload: Mapping[str, Any]) -> tuple[Job | None, list[str]]:
+    job = _job_of(manager, payload)
+    files = payload.get("files")
+    if files is not None and (not isinstance(files, list) or not all(isinstance(f, str) for f in files)):
+        raise ConfigError("files", "must be a list of LoRA file paths (or names in the Lora folder)")
+    if files is None and job is None:
+        raise ConfigError("files", 'give "files" or the "job" whose saved files to compare')
+    if files is None and job is not None:
+        files = [str(p) for p in files_of_job(job)]
+        if not files:
+            raise ConfigError("job", f"job {job.id} has no saved LoRA files left")
+    return job, list(files or [])
+
+
+def _inside(path: Path, roots: Any) -> bool:
+    if roots is None:
+        return True
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(Path(root).resolve()) for root in roots)
+
+
+def _keep(manager: JobManager, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """``POST /keep``: only files under the host's allowed output folders are copied or removed."""
+    job = _job_of(manager, payload)
+    file = payload.get("file")
+    if not isinstance(file, str) or not file:
+        raise ConfigError("file", "must be the path of the LoRA file to keep")
+    roots = manager.host.allowed_output_roots()
+    source = Path(file) if Path(file).is_absolute() else Path(manager.host.lora_dir) / file
+    if not _inside(source, roots):
+        raise ConfigError("file", "must be a file in the Lora folder")
+    name = payload.get("name") or (job.config.save.output_name if job is not None else None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError("name", "must be the final name (without .safetensors)")
+    flags = {key: payload.get(key, False) for key in ("replace", "remove_others")}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise ConfigError(key, "must be true or false")
+    others = [str(p) for p in files_of_job(job)] if job is not None and flags["remove_others"] else []
+    if flags["remove_others"] and job is None:
+        raise ConfigError("job", "remove_others needs the job whose other files to remove")
+    kept = keep_file(
+        source,
+        name,
+        work_dir=manager.host.work_dir,
+        replace=flags["replace"],
+        remove=[p for p in others if _inside(Path(p), roots)],
+    )
+    manager.host.publish_lora(Path(kept.path))
+    return kept.to_dict()
 
 
 def mount(

@@ -51,6 +51,8 @@ from lora_trainer.webui.fields import (
     to_widget,
     widget_values,
 )
+from lora_trainer.webui.results_ui import results_section
+from lora_trainer.webui.tryout_ui import tryout_section
 
 TAB_TITLE = "LoRA Train"
 TAB_ID = "lora_train"  # the WebUI gives the tab elem_id "tab_lora_train"
@@ -148,6 +150,9 @@ def create_tab(
                 )
                 send = gr.Button("Send to txt2img", elem_id="lora_train_send_to_txt2img", interactive=False)
                 send_text = gr.Textbox("", visible=False, elem_id="lora_train_send_text")
+                tab.lora_train_tryout = tryout_section(manager)  # pyright: ignore[reportAttributeAccessIssue]
+
+        tab.lora_train_results = results_section(manager)  # pyright: ignore[reportAttributeAccessIssue]
 
         fields = [components[spec.path] for spec in FIELDS]
 

@@ -126,6 +126,23 @@ def _optional_int(value: Any, name: str, minimum: int = 1) -> int | None:
     return int(number)
 
 
+_VAL_COUNT = "validation.validation_count"
+_VAL_SPLIT = "validation.validation_split"
+
+
+def _fraction(value: Any) -> float:
+    """The validation split box: blank is 0; otherwise a number in [0, 1) (ConfigError if not)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return 0.0
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise ConfigError(_VAL_SPLIT, f"must be a number, got {value!r}") from None
+    if not 0.0 <= number < 1.0:
+        raise ConfigError(_VAL_SPLIT, f"must be at least 0 and below 1, got {value!r}")
+    return number
+
+
 def _required_int(value: Any, name: str, minimum: int = 1) -> int:
     number = _optional_int(value, name, minimum)
     if number is None:
@@ -493,16 +510,27 @@ class WorkshopActions:
     # -- advice -----------------------------------------------------------------------------------
 
     @_guard(4)
-    def advise(self, name: str, epochs: Any, batch: Any, max_steps: Any, use_training: bool) -> list[Any]:
+    def advise(
+        self,
+        name: str,
+        epochs: Any,
+        batch: Any,
+        max_steps: Any,
+        use_training: bool,
+        val_split: Any = 0.0,
+        val_count: Any = "",
+    ) -> list[Any]:
         """[advice, the epochs, batch size and max steps used]. With max steps set, training stops
-        there whatever the epochs: the advice uses the epochs those steps make."""
+        there whatever the epochs: the advice uses the epochs those steps make. ``val_split`` (a
+        fraction) or ``val_count`` (images) is the validation split the run holds out of training."""
         ep = _required_int(epochs, "training.max_train_epochs")
         bs = _required_int(batch, "training.train_batch_size")
         steps = _optional_int(max_steps, "training.max_train_steps")
+        split = {"validation_split": _fraction(val_split), "validation_count": _optional_int(val_count, _VAL_COUNT)}
         ws = self.workspace(name)
         note = ""
         if steps is not None:
-            per_epoch = ws.advise(1, bs).steps_per_epoch
+            per_epoch = ws.advise(1, bs, **split).steps_per_epoch
             if per_epoch:
                 ep = max(1, math.ceil(steps / per_epoch))
                 note = (
@@ -510,9 +538,11 @@ class WorkshopActions:
                     f"{ep} epoch(s) that takes ({per_epoch} steps each)."
                 )
         if use_training:
-            note = (note + " " if note else "") + "Epochs, batch size and max steps come from the Training tab."
+            note = (note + " " if note else "") + (
+                "Epochs, batch size, max steps and the validation split come from the Training tab."
+            )
         return [
-            advice_html(ws.advise(ep, bs), note),
+            advice_html(ws.advise(ep, bs, **split), note),
             ep if steps is None else _update(),
             bs,
             "" if steps is None else steps,

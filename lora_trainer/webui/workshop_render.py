@@ -281,6 +281,8 @@ def advice_html(a: Advice, note: str = "") -> str:
         ("Total steps", a.total_steps),
         ("Steps per image", f"{a.steps_per_image:g}"),
     ]
+    if a.validation_images:
+        rows.insert(1, ("Held out for validation", a.validation_images))
     numbers = _table(("", ""), ((_e(k), f"<b>{_e(v)}</b>") for k, v in rows), "lora_train_ws_numbers")
     warnings = "".join(
         f'<li class="lora_train_ws_sev_{_e(w.severity)}" data-code="{_e(w.code)}">{_e(w.message)}</li>'

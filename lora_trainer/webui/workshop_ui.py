@@ -46,8 +46,9 @@ class WorkshopUI:
 
 
 _ADVICE_JS = (
-    "(name, epochs, batch, steps, use) => (use && window.loraTrain && loraTrain.trainingValues) "
-    "? [name, ...loraTrain.trainingValues(epochs, batch, steps), use] : [name, epochs, batch, steps, use]"
+    "(name, epochs, batch, steps, use, split, count) => (use && window.loraTrain && loraTrain.trainingValues) "
+    "? [name, ...loraTrain.trainingValues(epochs, batch, steps), use, ...loraTrain.validationValues(split, count)] "
+    ": [name, epochs, batch, steps, use, split, count]"
 )
 
 _TOOL = ["lora_train_ws_tool"]
@@ -326,10 +327,17 @@ def _bulk_edits(c: _Parts) -> None:
 
 def _advice_tab(c: _Parts) -> None:
     with gr.Row(equal_height=False):
-        c.add("use_training", gr.Checkbox, True, label="Use the Training tab's epochs, batch size and max steps")
+        c.add(
+            "use_training",
+            gr.Checkbox,
+            True,
+            label="Use the Training tab's epochs, batch size, max steps and validation split",
+        )
         c.add("epochs", gr.Number, 10, precision=0, label="Epochs")
         c.add("batch", gr.Number, 1, precision=0, label="Batch size")
         c.add("max_steps", gr.Textbox, "", label="Max steps", placeholder="unset")
+        c.add("val_split", gr.Number, 0, label="Validation split (fraction)")
+        c.add("val_count", gr.Textbox, "", label="Validation images (count)", placeholder="unset")
     c.add("advise", gr.Button, "Check the training length")
     c.add("advice", gr.HTML, "")
 
@@ -427,7 +435,7 @@ def _wire(act: WorkshopActions, c: _Parts, images_dir: gr.Textbox) -> None:
     _wire_tags(act, c, ad)
     c["advise"].click(
         act.advise,
-        [ws, c["epochs"], c["batch"], c["max_steps"], c["use_training"]],
+        [ws, c["epochs"], c["batch"], c["max_steps"], c["use_training"], c["val_split"], c["val_count"]],
         [c["advice"], c["epochs"], c["batch"], c["max_steps"]],
         _js=_ADVICE_JS,
         **_NO_API,

@@ -52,7 +52,7 @@ def lora_extension() -> ModuleType | None:
     return module
 
 
-def take_networks_off(sd_model: nn.Module) -> int:
+def take_networks_off(sd_model: nn.Module, purpose: str = "for training") -> int:
     """Take ``<lora:...>`` networks a generation left applied off the model, the WebUI's way.
 
     ``load_networks([])`` (what a generation without LoRAs does: empties ``loaded_networks`` and
@@ -64,7 +64,7 @@ def take_networks_off(sd_model: nn.Module) -> int:
         return 0
     active = [getattr(net, "name", "?") for net in networks.loaded_networks]
     if active:
-        logger.info("taking active Lora network(s) off the model for training: %s", ", ".join(active))
+        logger.info("taking active Lora network(s) off the model %s: %s", purpose, ", ".join(active))
     networks.load_networks([])
     restored = 0
     with torch.no_grad():

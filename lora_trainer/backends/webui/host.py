@@ -42,7 +42,7 @@ from lora_trainer.backends.webui.model import (
 from lora_trainer.backends.webui.placement import LowVramPlacement, is_lowvram, taken_over
 from lora_trainer.config import TrainConfig
 from lora_trainer.contracts import DeviceMemory, ModelInfo
-from lora_trainer.errors import IncompatibleModelError, LoraFileError
+from lora_trainer.errors import ConfigError, IncompatibleModelError, LoraFileError, LoraTrainerError
 from lora_trainer.files.lora_file import load_lora
 from lora_trainer.files.safetensors_format import read_safetensors_header
 from lora_trainer.log import logger
@@ -53,7 +53,9 @@ from lora_trainer.train.memory import ModelProfile, profile_model
 if TYPE_CHECKING:
     from PIL import Image
 
+    from lora_trainer.grid import GridCell, GridSettings
     from lora_trainer.jobs import Job
+    from lora_trainer.tryout import PairRequest
 
 __all__ = ["MAX_SEED", "WebUIHost"]
 
@@ -426,3 +428,116 @@ class WebUIHost:
             with contextlib.suppress(Exception):  # the live preview is a nicety: the images are returned anyway
                 state.assign_current_image(images[0])
         return images
+
+    # -- generation outside a run (grid, test panel)
+
+    def _txt2img(
+        self,
+        prompt: str,
+        seed: int,
+        width: int,
+        height: int,
+        steps: int,
+        cfg_scale: float,
+        sampler: str,
+        extra_networks_prompt: bool,
+    ) -> Image.Image | None:
+        """One image through the WebUI's own txt2img (its sampler, progress and Interrupt), the loaded
+        checkpoint pinned. ``extra_networks_prompt``: ``<lora:...>`` in ``prompt`` is applied by the
+        WebUI's extra networks, as in a user's generation. None when interrupted before the image."""
+        from modules import processing
+
+        sd_model = loaded_model()
+        title = getattr(getattr(sd_model, "sd_checkpoint_info", None), "title", None)
+        pin = title and shared.opts.data.get("sd_model_checkpoint") != title
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=sd_model,
+            prompt=prompt,
+            negative_prompt="",
+            sampler_name=sampler,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            width=width,
+            height=height,
+            batch_size=1,
+            n_iter=1,
+            do_not_save_samples=True,
+            do_not_save_grid=True,
+            override_settings={"sd_model_checkpoint": title} if pin else {},
+            override_settings_restore_afterwards=True,
+        )
+        p.disable_extra_networks = not extra_networks_prompt
+        with contextlib.closing(p):
+            processed = processing.process_images(p)
+        first = int(getattr(processed, "index_of_first_image", 0) or 0)
+        images = list(processed.images)[first:]
+        return images[0] if images else None
+
+    def _check_lora_names(self, files: Sequence[str]) -> None:
+        """Each file must be the one the WebUI's Lora list has under its name (``<lora:NAME:S>``)."""
+        networks = lora_extension()
+        if networks is None:
+            raise LoraTrainerError("the WebUI's builtin Lora extension is not loaded: enable it to make a grid")
+        networks.list_available_networks()
+        available = getattr(networks, "available_networks", {})
+        for file in dict.fromkeys(files):
+            on_disk = available.get(Path(file).stem)
+            if on_disk is None or Path(on_disk.filename).resolve() != Path(file).resolve():
+                name = Path(file).name
+                raise ConfigError("files", f"{name} is not in the WebUI's Lora list under its name (or another has it)")
+
+    def _check_sampler(self, sampler: str) -> None:
+        """``sampler`` must be one the WebUI offers (its processing would assert deep in the call)."""
+        names = options.sampler_names()
+        if names and sampler not in names:
+            raise ConfigError("sampler", f"{sampler!r} is not one of the WebUI's samplers: {', '.join(names)}")
+
+    def _generate(self, job: str, items: Sequence[tuple[str, int, str]], settings: Any) -> list[Image.Image]:
+        """Each ``(prompt, seed, what)`` through :meth:`_txt2img` at ``settings``' size, steps, CFG and
+        sampler, ``<lora:...>`` tags applied by the WebUI; progress and Interrupt through
+        ``shared.state`` (an Interrupt ends the series); the Lora networks taken off the model after."""
+        self._check_sampler(settings.sampler)
+        s = settings
+        state = shared.state
+        images: list[Image.Image] = []
+        state.begin(job=job)
+        state.job_count = len(items)
+        try:
+            for i, (prompt, seed, what) in enumerate(items):
+                if self.interrupted():
+                    break
+                state.job_no = i
+                state.textinfo = f"{what} ({i + 1}/{len(items)})"
+                image = self._txt2img(prompt, seed, s.width, s.height, s.steps, s.cfg_scale, s.sampler, True)
+                if image is None:
+                    break
+                images.append(image)
+                with contextlib.suppress(Exception):  # the live preview is a nicety
+                    state.assign_current_image(image)
+        finally:
+            sd_model = loaded_model()
+            if sd_model is not None:
+                take_networks_off(sd_model, f"after {job}")
+            state.end()
+            state.interrupted = state.skipped = state.stopping_generation = False
+        return images
+
+    def generate_grid_cells(self, cells: Sequence[GridCell], settings: GridSettings) -> list[Image.Image]:
+        """Each cell with ``<lora:NAME:S>`` in its prompt (none at strength 0); see :meth:`_generate`."""
+        self._check_lora_names([c.file for c in cells])
+        return self._generate("lora_train_grid", [(c.full_prompt, c.seed, "LoRA grid") for c in cells], settings)
+
+    def generate_pair(self, request: PairRequest) -> list[Image.Image]:
+        """[with, without] at one seed: the prompt with ``<lora:NAME:S>`` and the prompt with no tag of
+        that file (the WebUI then loads no network of it); see :meth:`_generate`."""
+        from lora_trainer.tryout import pair_prompts
+
+        try:
+            self._check_lora_names([request.file])
+        except ConfigError as e:
+            raise ConfigError("file", e.message) from None
+        prompts = pair_prompts(request.prompt, request.name, request.strength)
+        whats = (f"LoRA test: with {request.name}", f"LoRA test: without {request.name}")
+        items = [(prompt, request.seed, what) for prompt, what in zip(prompts, whats, strict=True)]
+        return self._generate("lora_train_test_image", items, request)
