@@ -278,26 +278,47 @@ def _font(size: int) -> Any:
         return ImageFont.load_default()
 
 
-def compose(cells: Sequence[GridCell], images: Sequence[Image.Image | None], settings: GridSettings) -> Image.Image:
-    """The grid image: strength captions above the columns, file (and prompt) captions left of the rows."""
-    rows = max(c.row for c in cells) + 1
-    columns = len(settings.strengths)
-    w, h = settings.width, settings.height
-    label_w, label_h = max(160, w // 2), 28
-    sheet = Image.new("RGB", (label_w + columns * w, label_h + rows * h), (255, 255, 255))  # pyright: ignore[reportArgumentType]
-    draw = ImageDraw.Draw(sheet)
+def _captions(cells: Sequence[GridCell], settings: GridSettings) -> tuple[list[str], dict[int, str]]:
+    """Column captions (strengths) and row captions (file, and the prompt when there are several)."""
+    columns = ["no LoRA (0)" if s == 0 else f"strength {s:g}" for s in settings.strengths]
+    several = len(settings.prompts) > 1
+    rows = {c.row: f"{c.name}\n{c.prompt[:40]}" if several else c.name for c in cells if c.column == 0}
+    return columns, rows
+
+
+def compose(
+    cells: Sequence[GridCell], images: Sequence[Image.Image | None], settings: GridSettings
+) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
+    """The grid image and each cell's box (left, top, right, bottom): strength captions above the
+    columns, file (and prompt) captions left of the rows; a column is as wide as its caption when
+    the images are narrower (each image centred)."""
     font = _font(14)
-    for s_i, strength in enumerate(settings.strengths):
-        caption = "no LoRA (0)" if strength == 0 else f"strength {strength:g}"
-        draw.text((label_w + s_i * w + 6, 6), caption, fill="black", font=font)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    column_captions, row_captions = _captions(cells, settings)
+    w, h = settings.width, settings.height
+    col_w = max([w, *(int(measure.textlength(c, font=font)) + 12 for c in column_captions)])
+    label_w = max(
+        [
+            w // 2,
+            *(int(measure.textlength(line, font=font)) + 12 for c in row_captions.values() for line in c.split("\n")),
+        ]
+    )
+    label_h = 28
+    rows = max(c.row for c in cells) + 1
+    size = (label_w + len(column_captions) * col_w, label_h + rows * max(h, 40))
+    sheet = Image.new("RGB", size, (255, 255, 255))  # pyright: ignore[reportArgumentType]
+    draw = ImageDraw.Draw(sheet)
+    boxes: list[tuple[int, int, int, int]] = []
+    for i, caption in enumerate(column_captions):
+        draw.text((label_w + i * col_w + 6, 6), caption, fill="black", font=font)
     for cell, image in zip(cells, images, strict=True):
-        x, y = label_w + cell.column * w, label_h + cell.row * h
+        x, y = label_w + cell.column * col_w + (col_w - w) // 2, label_h + cell.row * max(h, 40)
+        boxes.append((x, y, x + w, y + h))
         if image is not None:
             sheet.paste(image.convert("RGB").resize((w, h)), (x, y))
-        if cell.column == 0:
-            caption = f"{cell.name}\n{cell.prompt[:40]}" if len(settings.prompts) > 1 else cell.name
-            draw.multiline_text((6, y + 6), caption, fill="black", font=font)
-    return sheet
+        if cell.row in row_captions and cell.column == 0:
+            draw.multiline_text((6, y + 6), row_captions[cell.row], fill="black", font=font)
+    return sheet, boxes
 
 
 def _png_bytes(image: Image.Image, text: str | None = None) -> bytes:
@@ -332,15 +353,15 @@ def make_grid(host: Host, files: Sequence[str | os.PathLike], settings: GridSett
         images: list[Image.Image | None] = list(host.generate_grid_cells(cells, settings))
     complete = len(images) >= len(cells)
     images = (images + [None] * len(cells))[: len(cells)]
+    sheet, boxes = compose(cells, images, settings)
     params = {
         "settings": dataclasses.asdict(settings),
         "files": [str(p) for p in paths],
         "model": info.checkpoint,
-        "cells": [c.to_dict() for c in cells],
+        "cells": [{**c.to_dict(), "box": list(box)} for c, box in zip(cells, boxes, strict=True)],
     }
     folder = Path(host.work_dir) / "grids"
     target = folder / f"grid-{time.strftime('%Y%m%d-%H%M%S')}.png"
-    sheet = compose(cells, images, settings)
     written = atomic_write_bytes(target, _png_bytes(sheet, json.dumps(params)), overwrite=False, durable=False)
     previews: dict[str, str] = {}
     top = max(range(len(settings.strengths)), key=lambda i: settings.strengths[i])

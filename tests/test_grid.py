@@ -4,6 +4,7 @@ processing and Lora extension) and through the API on the stand-in host."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import types
 from pathlib import Path
@@ -31,7 +32,6 @@ from tests.fixtures.model_state import assert_model_unchanged, model_snapshot
 from tests.fixtures.saved_runs import lora_file, saved_run
 
 SIZE = 64
-LABEL_W, LABEL_H = 160, 28  # grid.compose's caption margins at this size
 
 
 @pytest.fixture
@@ -43,8 +43,22 @@ def fake(tmp_path):
 
 
 def cell_image(grid: Image.Image, row: int, column: int) -> Image.Image:
-    x, y = LABEL_W + column * SIZE, LABEL_H + row * SIZE
-    return grid.crop((x, y, x + SIZE, y + SIZE))
+    """The cell at ``row``/``column``, by the box the grid's parameters give it."""
+    cells = json.loads(grid.info["parameters"])["cells"]
+    (box,) = [c["box"] for c in cells if (c["row"], c["column"]) == (row, column)]
+    return grid.crop(tuple(box))
+
+
+def assert_captions_fit(grid: Image.Image) -> None:
+    """Cells do not overlap, and each column is wide enough for its caption (no run-together labels)."""
+    boxes = [tuple(c["box"]) for c in json.loads(grid.info["parameters"])["cells"]]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+    lefts = sorted({b[0] for b in boxes})
+    # "no LoRA (0)", "strength 0.5" are wider than a 64 px image: the columns widen for them
+    assert all(right - left > SIZE for left, right in itertools.pairwise(lefts))
+    assert grid.size[0] >= max(b[2] for b in boxes)
 
 
 def settings(**kw) -> GridSettings:
@@ -83,7 +97,8 @@ def test_grid_cells_are_files_by_strengths_and_strength_0_is_the_base_image(fake
     params = json.loads(grid.info["parameters"])
     assert params["settings"]["strengths"] == [0.0, 0.5, 1.0]
     assert len(params["cells"]) == 6
-    assert grid.size == (LABEL_W + 3 * SIZE, LABEL_H + 2 * SIZE)
+    assert {c["column"] for c in params["cells"]} == {0, 1, 2}
+    assert_captions_fit(grid)
 
     base = host._txt2img("a photo of sks", 7, SIZE, SIZE, 2, 7.0, "Euler a", True)
     assert base is not None
@@ -296,7 +311,7 @@ def test_the_results_section_suggests_makes_the_grid_and_keeps(api, tmp_path):
     image, message = actions.grid("j1 · tiny", checked["value"][:2], "sks", "0, 1", 3, 64, 64, 2, "Euler a")
     assert image is not None
     assert "4 images" in message
-    assert Image.open(image).size == (LABEL_W + 2 * SIZE, LABEL_H + 2 * SIZE)
+    assert len(json.loads(Image.open(image).info["parameters"])["cells"]) == 4
     image, message = actions.grid("j1 · tiny", checked["value"], "sks", "0, x", 3, 64, 64, 2, "Euler a")
     assert image is None
     assert "strengths" in message
