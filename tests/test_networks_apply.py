@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_trainer.files.lora_file import load_lora, save_lora
+from lora_trainer.files.lora_file import load_lora
 from lora_trainer.naming import find_targets
 from lora_trainer.networks.dora import DoRAModule, column_norm, target_weight
 from lora_trainer.networks.network import LoRANetwork, network_from_weights, split_modules
@@ -29,6 +29,7 @@ from lora_trainer.networks.registry import detect_algorithm, loadable_algorithm
 from tests.fixtures.fake_webui import FakeWebUI
 from tests.fixtures.fake_webui.lora import golden_table
 from tests.fixtures.networks import VARIANTS as LYCO_VARIANTS
+from tests.fixtures.networks import outputs, probes, save
 from tests.fixtures.networks import random_network as lyco_random_network
 from tests.fixtures.training import make_config
 from tests.fixtures.webui_models import TinyAdapter, build_webui_model, webui_text_encoders
@@ -68,36 +69,6 @@ def random_network(fake: FakeWebUI | nn.Module, algorithm: str, conv: bool, seed
             for p in module.parameters():
                 p.copy_(p.half().float())
     return network
-
-
-def probes(network: LoRANetwork) -> dict[str, tuple[nn.Module, torch.Tensor, bool]]:
-    """One input per targeted layer (per fused attention for its q/k/v): name -> (layer, input, is_mha)."""
-    generator = torch.Generator().manual_seed(11)
-    found: dict[str, tuple[nn.Module, torch.Tensor, bool]] = {}
-    for key, target in network.targets.items():
-        if target.kind.startswith("mha_"):
-            mha = target.module
-            assert isinstance(mha, nn.MultiheadAttention)
-            found[f"{key[: -len('_q_proj')]}_mha"] = (mha, torch.randn(3, 2, mha.embed_dim, generator=generator), True)
-        elif target.is_conv:
-            found[key] = (target.module, torch.randn(1, target.in_features, 6, 6, generator=generator), False)
-        else:
-            found[key] = (target.module, torch.randn(2, 3, target.in_features, generator=generator), False)
-    return found
-
-
-def outputs(layers: dict[str, tuple[nn.Module, torch.Tensor, bool]]) -> dict[str, torch.Tensor]:
-    with torch.no_grad():
-        return {
-            name: layer(x, x, x, need_weights=False)[0] if is_mha else layer(x)
-            for name, (layer, x, is_mha) in layers.items()
-        }
-
-
-def save(fake: FakeWebUI | Path, network: LoRANetwork, name: str) -> Path:
-    folder = Path(fake.cmd_opts.lora_dir) if isinstance(fake, FakeWebUI) else fake
-    state = {k: v.detach().clone() for k, v in network.state_dict().items()}
-    return save_lora(folder / f"{name}.safetensors", state, {})  # fp16, the default
 
 
 def apply_in_webui(fake: FakeWebUI, name: str, multiplier: float | None = None) -> None:

@@ -13,20 +13,19 @@ The layout table is what LyCORIS's own ``LohaModule``/``LokrModule`` give the sa
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from lora_trainer.errors import LoraFileError
-from lora_trainer.files.lora_file import load_lora, save_lora
+from lora_trainer.files.lora_file import load_lora
 from lora_trainer.naming import Target
 from lora_trainer.networks.lokr import LoKrModule, factorization
-from lora_trainer.networks.network import LoRANetwork, network_from_weights, split_modules
+from lora_trainer.networks.network import network_from_weights, split_modules
 from lora_trainer.networks.registry import detect_algorithm, get_algorithm, loadable_algorithm
 from tests.fixtures.fake_webui import FakeWebUI
-from tests.fixtures.networks import VARIANTS, random_network
+from tests.fixtures.networks import VARIANTS, outputs, probes, random_network, save
 from tests.fixtures.training import make_config
 from tests.fixtures.webui_models import TinyAdapter, webui_text_encoders
 
@@ -44,34 +43,6 @@ def make_webui(tmp_path):
             return fake
 
         yield make
-
-
-def probes(network: LoRANetwork) -> dict[str, tuple[nn.Module, torch.Tensor, bool]]:
-    generator = torch.Generator().manual_seed(11)
-    found: dict[str, tuple[nn.Module, torch.Tensor, bool]] = {}
-    for key, target in network.targets.items():
-        if target.kind.startswith("mha_"):
-            mha = target.module
-            assert isinstance(mha, nn.MultiheadAttention)
-            found[f"{key[: -len('_q_proj')]}_mha"] = (mha, torch.randn(3, 2, mha.embed_dim, generator=generator), True)
-        elif target.is_conv:
-            found[key] = (target.module, torch.randn(1, target.in_features, 6, 6, generator=generator), False)
-        else:
-            found[key] = (target.module, torch.randn(2, 3, target.in_features, generator=generator), False)
-    return found
-
-
-def outputs(layers: dict[str, tuple[nn.Module, torch.Tensor, bool]]) -> dict[str, torch.Tensor]:
-    with torch.no_grad():
-        return {
-            name: layer(x, x, x, need_weights=False)[0] if is_mha else layer(x)
-            for name, (layer, x, is_mha) in layers.items()
-        }
-
-
-def save(fake: FakeWebUI, network: LoRANetwork, name: str) -> Path:
-    state = {k: v.detach().clone() for k, v in network.state_dict().items()}
-    return save_lora(Path(fake.cmd_opts.lora_dir) / f"{name}.safetensors", state, {})  # fp16, the default
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
