@@ -255,11 +255,12 @@ class Host(Protocol):
         """Images (PIL) for the prompts with the network being trained attached."""
         ...
 
-    def generate_grid_cells(self, cells: Sequence[GridCell], settings: GridSettings) -> list[Image.Image]:
+    def generate_grid_cells(self, cells: Sequence[GridCell], settings: GridSettings) -> list[Image.Image | None]:
         """One txt2img image per cell, in order, through the host's own generation: ``cell.full_prompt``
         (``<lora:NAME:S>`` applied by the host's Lora loader; none at strength 0), ``cell.seed`` and
         ``settings``. The caller holds :meth:`gpu_lock`. The host's progress shows the cells; on its
-        Interrupt the images so far are returned. Afterwards no network is left on the model."""
+        Interrupt the images so far are returned. A cell whose generation gave NaN (an over-trained
+        file at a high strength) is None. Afterwards no network is left on the model."""
         ...
 
     def generate_pair(self, request: PairRequest) -> Sequence[Image.Image]:

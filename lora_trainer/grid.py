@@ -358,7 +358,10 @@ def make_grid(host: Host, files: Sequence[str | os.PathLike], settings: GridSett
         "settings": dataclasses.asdict(settings),
         "files": [str(p) for p in paths],
         "model": info.checkpoint,
-        "cells": [{**c.to_dict(), "box": list(box)} for c, box in zip(cells, boxes, strict=True)],
+        "cells": [
+            {**c.to_dict(), "box": list(box), "generated": image is not None}
+            for c, box, image in zip(cells, boxes, images, strict=True)
+        ],
     }
     folder = Path(host.work_dir) / "grids"
     target = folder / f"grid-{time.strftime('%Y%m%d-%H%M%S')}.png"

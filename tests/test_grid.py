@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import sys
 import types
 from pathlib import Path
 
@@ -137,6 +138,28 @@ def test_an_interrupt_ends_the_grid_early(fake):
     assert len(calls) == 2
     assert not fake.state.interrupted  # the Interrupt meant for the grid does not outlive it
     assert fake.lora.loaded_networks == []
+
+
+def test_a_cell_the_webuis_nan_check_refuses_is_left_blank(fake, monkeypatch):
+    """The WebUI raises NansException for an image whose UNet output has NaN (an over-trained file
+    at a high strength): that cell stays blank and says so; the grid is still made."""
+    lora_dir = Path(fake.cmd_opts.lora_dir)
+    path = lora_file(lora_dir, "tiny-000001", seed=1, step=1, model=fake.sd_model)
+    processing = sys.modules["modules.processing"]
+    original = processing.process_images
+
+    def nan_at_full_strength(p):
+        if ":1>" in p.prompt:
+            raise sys.modules["modules.devices"].NansException("A tensor with NaNs was produced in Unet.")
+        return original(p)
+
+    monkeypatch.setattr(processing, "process_images", nan_at_full_strength)
+    host = fake.backend.host.WebUIHost()
+    result = make_grid(host, [str(path)], settings())
+    assert result.complete
+    params = json.loads(Image.open(result.path).info["parameters"])
+    assert [c["generated"] for c in params["cells"]] == [True, True, False]
+    assert not fake.networks.loaded_networks
 
 
 def test_files_of_another_base_model_or_outside_the_lora_list_are_refused(fake, tmp_path):

@@ -493,14 +493,17 @@ class WebUIHost:
         if names and sampler not in names:
             raise ConfigError("sampler", f"{sampler!r} is not one of the WebUI's samplers: {', '.join(names)}")
 
-    def _generate(self, job: str, items: Sequence[tuple[str, int, str]], settings: Any) -> list[Image.Image]:
+    def _generate(
+        self, job: str, items: Sequence[tuple[str, int, str]], settings: Any, *, nan_ok: bool = False
+    ) -> list[Image.Image | None]:
         """Each ``(prompt, seed, what)`` through :meth:`_txt2img` at ``settings``' size, steps, CFG and
         sampler, ``<lora:...>`` tags applied by the WebUI; progress and Interrupt through
-        ``shared.state`` (an Interrupt ends the series); the Lora networks taken off the model after."""
+        ``shared.state`` (an Interrupt ends the series); the Lora networks taken off the model after.
+        The WebUI's NaN check failing is a None image with ``nan_ok``, else a LoraTrainerError."""
         self._check_sampler(settings.sampler)
         s = settings
         state = shared.state
-        images: list[Image.Image] = []
+        images: list[Image.Image | None] = []
         state.begin(job=job)
         state.job_count = len(items)
         try:
@@ -509,7 +512,14 @@ class WebUIHost:
                     break
                 state.job_no = i
                 state.textinfo = f"{what} ({i + 1}/{len(items)})"
-                image = self._txt2img(prompt, seed, s.width, s.height, s.steps, s.cfg_scale, s.sampler, True)
+                try:
+                    image = self._txt2img(prompt, seed, s.width, s.height, s.steps, s.cfg_scale, s.sampler, True)
+                except devices.NansException as e:
+                    logger.warning("%s: no image for %r: %s", what, prompt, e)
+                    if not nan_ok:
+                        raise LoraTrainerError(f"the WebUI's generation gave NaN for {prompt!r}: {e}") from None
+                    images.append(None)
+                    continue
                 if image is None:
                     break
                 images.append(image)
@@ -523,10 +533,12 @@ class WebUIHost:
             state.interrupted = state.skipped = state.stopping_generation = False
         return images
 
-    def generate_grid_cells(self, cells: Sequence[GridCell], settings: GridSettings) -> list[Image.Image]:
-        """Each cell with ``<lora:NAME:S>`` in its prompt (none at strength 0); see :meth:`_generate`."""
+    def generate_grid_cells(self, cells: Sequence[GridCell], settings: GridSettings) -> list[Image.Image | None]:
+        """Each cell with ``<lora:NAME:S>`` in its prompt (none at strength 0), a blank cell where the
+        WebUI's NaN check failed; see :meth:`_generate`."""
         self._check_lora_names([c.file for c in cells])
-        return self._generate("lora_train_grid", [(c.full_prompt, c.seed, "LoRA grid") for c in cells], settings)
+        items = [(c.full_prompt, c.seed, "LoRA grid") for c in cells]
+        return self._generate("lora_train_grid", items, settings, nan_ok=True)
 
     def generate_pair(self, request: PairRequest) -> list[Image.Image]:
         """[with, without] at one seed: the prompt with ``<lora:NAME:S>`` and the prompt with no tag of
@@ -540,4 +552,4 @@ class WebUIHost:
         prompts = pair_prompts(request.prompt, request.name, request.strength)
         whats = (f"LoRA test: with {request.name}", f"LoRA test: without {request.name}")
         items = [(prompt, request.seed, what) for prompt, what in zip(prompts, whats, strict=True)]
-        return self._generate("lora_train_test_image", items, request)
+        return [image for image in self._generate("lora_train_test_image", items, request) if image is not None]
