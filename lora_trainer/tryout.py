@@ -89,20 +89,27 @@ def lora_tag(name: str, strength: float) -> str:
 
 
 def _without(prompt: str, name: str) -> str:
-    text = _TAG.sub(lambda m: "" if m.group(1) == name else m.group(0), prompt)
-    text = re.sub(r"\s*,(\s*,)+", ",", text)  # the separators the tag left behind
-    return re.sub(r"\s{2,}", " ", text).strip(" ,")
+    """``prompt`` with every ``<lora:NAME:...>`` removed exactly as the WebUI removes extra-network
+    tags before encoding (nothing else: the separators around it stay), so that the two images of
+    a pair are conditioned on the same text and differ only by the LoRA."""
+    return _TAG.sub(lambda m: "" if m.group(1) == name else m.group(0), prompt).strip()
 
 
 def with_strength(prompt: str, name: str, strength: float) -> str:
-    """``prompt`` with its ``<lora:NAME:...>`` at ``strength`` (put in front when the prompt has none)."""
-    rest = _without(prompt, name)
-    return f"{lora_tag(name, strength)} {rest}".strip()
+    """``prompt`` with its first ``<lora:NAME:...>`` at ``strength`` where it stands (later copies
+    removed), or the tag in front when the prompt has none."""
+    tag = lora_tag(name, strength)
+    first = next((m for m in _TAG.finditer(prompt) if m.group(1) == name), None)
+    if first is None:
+        return f"{tag} {prompt.strip()}".strip()
+    head, tail = prompt[: first.start()], _without(prompt[first.end() :], name)
+    return f"{head}{tag}{tail if not tail or tail[0] in ',;' else ' ' + tail}".strip()
 
 
 def pair_prompts(prompt: str, name: str, strength: float) -> tuple[str, str]:
-    """(the prompt with ``<lora:NAME:strength>``, the prompt with no ``<lora:NAME:...>``)."""
-    return with_strength(prompt, name, strength), _without(prompt, name)
+    """(the prompt with ``<lora:NAME:strength>``, the same prompt without it, as the WebUI reads it)."""
+    with_tag = with_strength(prompt, name, strength)
+    return with_tag, _without(with_tag, name)
 
 
 def _number(data: Mapping[str, Any], key: str, default: float, low: float, high: float, whole: bool) -> Any:

@@ -29,11 +29,11 @@ def test_the_test_panel_makes_the_pair(tmp_path):
             page.locator("#lora_train_test_panel").get_by_text("Test the LoRA").click()
             prompt = page.locator("#lora_train_test_prompt textarea")
             page.wait_for_function(
-                "() => document.querySelector('#lora_train_test_prompt textarea').value === '<lora:tiny:1.0>, mychar'"
+                "() => document.querySelector('#lora_train_test_prompt textarea').value === '<lora:tiny:1.0> mychar'"
             )
             for box, value in (("seed", "7"), ("width", "64"), ("height", "64")):
                 page.locator(f"#lora_train_test_{box} input").fill(value)
-            prompt.fill("<lora:tiny:1.0>, mychar, smiling")
+            prompt.fill("<lora:tiny:1.0> mychar, smiling")
             page.locator("#lora_train_test_strength input[type=number]").fill("0.7")  # the slider sets the strength
             page.locator("#lora_train_test_generate").click()
             page.wait_for_function("() => document.querySelectorAll('#lora_train_test_images img').length === 2")

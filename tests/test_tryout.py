@@ -116,12 +116,16 @@ def test_pair_stops_on_interrupt_and_refuses_files_outside_the_lora_list(fake, t
 
 def test_prompts_of_a_pair():
     assert pair_prompts("<lora:me:1.0> me, smiling", "me", 0.6) == ("<lora:me:0.6> me, smiling", "me, smiling")
+    # the tag keeps its place; "without" is the same text with only the tag gone, as the WebUI strips
+    # it before encoding, so both images see the same words
+    assert pair_prompts("<lora:me:1.0>, sks, smiling", "me", 0.8) == ("<lora:me:0.8>, sks, smiling", ", sks, smiling")
+    assert pair_prompts("x, <lora:me:1.0>, y <lora:me>", "me", 2.0) == ("x, <lora:me:2>, y", "x, , y")
     # another file's tag stays in both; a prompt without the tag gets it in front
     assert pair_prompts("a, <lora:other:0.5>, b", "me", 1.0) == (
         "<lora:me:1> a, <lora:other:0.5>, b",
         "a, <lora:other:0.5>, b",
     )
-    assert with_strength("x, <lora:me:1.0>, y <lora:me>", "me", 2.0) == "<lora:me:2> x, y"
+    assert with_strength("", "me", 1.0) == "<lora:me:1>"
 
 
 def test_request_fields_are_checked(tmp_path):
@@ -190,7 +194,7 @@ def test_panel_actions_fill_the_prompt_and_show_both_images(tmp_path):
     assert actions.files() == [file]
     dropdown, prompt = actions.refresh(None)
     assert dropdown["value"] == file
-    assert prompt == "<lora:tiny:1.0>, mychar, blue hair"
+    assert prompt == "<lora:tiny:1.0> mychar, blue hair"
     assert actions.strength(file, prompt, 0.5) == "<lora:tiny:0.5> mychar, blue hair"
     gallery, message = actions.generate(file, prompt, 0.5, 7, 64, 64)
     assert message == ""

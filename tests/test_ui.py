@@ -247,7 +247,7 @@ def test_preset_keeps_personal_settings_it_does_not_set():
 
 def test_lora_prompt():
     assert fields.lora_prompt("my_char") == "<lora:my_char:1.0>"
-    assert fields.lora_prompt("my char", ["mychar", " blue hair ", ""]) == "<lora:my char:1.0>, mychar, blue hair"
+    assert fields.lora_prompt("my char", ["mychar", " blue hair ", ""]) == "<lora:my char:1.0> mychar, blue hair"
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,7 +380,7 @@ def test_start_poll_send_and_reconnect(actions, manager, host, tmp_path):
     assert updates[4]["interactive"] is True
     assert updates[6]["interactive"] is False
     assert updates[7]["interactive"] is True
-    assert updates[8] == "<lora:tiny:1.0>, tinychar"
+    assert updates[8] == "<lora:tiny:1.0> tinychar"
     # The first page gets what changed since its last poll, then nothing while nothing changes.
     changed = actions.poll(seen)
     assert 'data-state="done"' in changed[1]

@@ -341,6 +341,7 @@ def preset_values(preset: TrainConfig, current: Mapping[str, Any]) -> list[Any]:
 
 
 def lora_prompt(name: str, trigger_words: Iterable[str] = (), weight: float = 1.0) -> str:
-    """``<lora:NAME:1.0>`` followed by the trigger words, as pasted into the txt2img prompt."""
-    parts = [f"<lora:{name}:{weight:.1f}>", *(w.strip() for w in trigger_words if w.strip())]
-    return ", ".join(parts)
+    """``<lora:NAME:1.0>`` followed by the trigger words, as pasted into the txt2img prompt. No comma
+    after the tag: the WebUI removes the tag before encoding, and a comma would be left in front."""
+    words = ", ".join(w.strip() for w in trigger_words if w.strip())
+    return f"<lora:{name}:{weight:.1f}> {words}".strip()
