@@ -27,9 +27,11 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from lora_trainer.config.coerce import request_number
 from lora_trainer.errors import ConfigError, LoraFileError, LoraTrainerError
 from lora_trainer.files.atomic_write import atomic_write_bytes, unlink_quietly
 from lora_trainer.files.card_preview import existing_card_previews, write_card_preview
+from lora_trainer.files.inspection import family_from_metadata
 from lora_trainer.files.safetensors_format import read_safetensors_header
 
 if TYPE_CHECKING:
@@ -53,7 +55,6 @@ __all__ = [
 
 DEFAULT_STRENGTHS = (0.0, 0.5, 0.75, 1.0)
 MAX_CELLS = 400
-_BASE_VERSIONS = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl": "sdxl"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,17 +117,6 @@ class GridResult:
         }
 
 
-def _number(data: Mapping[str, Any], key: str, default: float, kind: type, low: float, high: float) -> Any:
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(key, "must be a number")
-    if kind is int and value != int(value):
-        raise ConfigError(key, "must be a whole number")
-    if not low <= value <= high:
-        raise ConfigError(key, f"must be between {low:g} and {high:g}")
-    return kind(value)
-
-
 def _prompts(data: Mapping[str, Any]) -> tuple[str, ...]:
     prompts = data.get("prompts", data.get("prompt"))
     if isinstance(prompts, str):
@@ -169,11 +159,11 @@ def settings_from_dict(data: Mapping[str, Any]) -> GridSettings:
     return GridSettings(
         prompts=_prompts(data),
         strengths=_strengths(data),
-        seed=_number(data, "seed", 1234, int, 0, 2**32 - 1),
-        width=_multiple_of_8(_number(values, "width", 512, int, 64, 2048), "size"),
-        height=_multiple_of_8(_number(values, "height", 512, int, 64, 2048), "size"),
-        steps=_number(data, "steps", 20, int, 1, 150),
-        cfg_scale=_number(data, "cfg_scale", 7.0, float, 1.0, 30.0),
+        seed=request_number(data, "seed", 1234, 0, 2**32 - 1, whole=True),
+        width=_multiple_of_8(request_number(values, "width", 512, 64, 2048, whole=True), "size"),
+        height=_multiple_of_8(request_number(values, "height", 512, 64, 2048, whole=True), "size"),
+        steps=request_number(data, "steps", 20, 1, 150, whole=True),
+        cfg_scale=request_number(data, "cfg_scale", 7.0, 1.0, 30.0, whole=False),
         sampler=sampler.strip(),
     )
 
@@ -182,11 +172,6 @@ def _multiple_of_8(value: int, field: str) -> int:
     if value % 8:
         raise ConfigError(field, "width and height must be multiples of 8")
     return value
-
-
-def _family_of(metadata: Mapping[str, str]) -> str | None:
-    version = metadata.get("ss_base_model_version", "")
-    return next((family for prefix, family in _BASE_VERSIONS.items() if version.startswith(prefix)), None)
 
 
 def check_files(files: Sequence[str | os.PathLike], family: str | None, lora_dir: Path | None = None) -> list[Path]:
@@ -205,11 +190,11 @@ def check_files(files: Sequence[str | os.PathLike], family: str | None, lora_dir
             metadata = read_safetensors_header(path).metadata
         except (LoraFileError, OSError) as e:
             raise ConfigError("files", f"cannot read {path.name}: {e}") from None
-        trained_on = _family_of(metadata)
+        trained_on, _, said_by = family_from_metadata(metadata)
         if family is not None and trained_on is not None and trained_on != family:
             raise ConfigError(
                 "files",
-                f"{path.name} was trained on a {trained_on} model ({metadata['ss_base_model_version']}); "
+                f"{path.name} was trained on a {trained_on} model ({said_by}); "
                 f"the loaded model is {family}: load a checkpoint of that base model first",
             )
         if path not in paths:

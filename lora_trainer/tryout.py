@@ -13,12 +13,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
-import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_trainer.config.coerce import request_number
 from lora_trainer.errors import ConfigError, LoraTrainerError
 
 if TYPE_CHECKING:
@@ -112,21 +112,6 @@ def pair_prompts(prompt: str, name: str, strength: float) -> tuple[str, str]:
     return with_tag, _without(with_tag, name)
 
 
-def _number(data: Mapping[str, Any], key: str, default: float, low: float, high: float, whole: bool) -> Any:
-    value = data.get(key, default)
-    if value is None or value == "":
-        value = default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(key, f"must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(number) or (whole and number != int(number)):
-        raise ConfigError(key, f"must be a {'whole ' if whole else ''}number, got {value!r}")
-    if not low <= number <= high:
-        raise ConfigError(key, f"must be between {low:g} and {high:g}, got {value!r}")
-    return int(number) if whole else number
-
-
 def _file_of(data: Mapping[str, Any], jobs: Sequence[Job]) -> str:
     job_id, file = data.get("job"), data.get("file")
     if job_id is not None and file is None:
@@ -155,20 +140,20 @@ def request_from_dict(data: Any, jobs: Sequence[Job] = ()) -> PairRequest:
         raise ConfigError("prompt", "must be text")
     if not isinstance(sampler, str):
         raise ConfigError("sampler", "must be a sampler's name")
-    width = _number(data, "width", 512, 64, MAX_SIDE, True)
-    height = _number(data, "height", 512, 64, MAX_SIDE, True)
+    width = request_number(data, "width", 512, 64, MAX_SIDE, whole=True)
+    height = request_number(data, "height", 512, 64, MAX_SIDE, whole=True)
     for key, side in (("width", width), ("height", height)):
         if side % 8:
             raise ConfigError(key, f"must be a multiple of 8, got {side}")
     return PairRequest(
         file=file,
         prompt=prompt,
-        strength=_number(data, "strength", 1.0, 0.0, MAX_STRENGTH, False),
-        seed=_number(data, "seed", 1234, 0, _MAX_SEED, True),
+        strength=request_number(data, "strength", 1.0, 0.0, MAX_STRENGTH, whole=False),
+        seed=request_number(data, "seed", 1234, 0, _MAX_SEED, whole=True),
         width=width,
         height=height,
-        steps=_number(data, "steps", 20, 1, MAX_STEPS, True),
-        cfg_scale=_number(data, "cfg_scale", 7.0, 1.0, 30.0, False),
+        steps=request_number(data, "steps", 20, 1, MAX_STEPS, whole=True),
+        cfg_scale=request_number(data, "cfg_scale", 7.0, 1.0, 30.0, whole=False),
         sampler=sampler,
     )
 

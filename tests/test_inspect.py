@@ -211,11 +211,11 @@ def test_metadata_family_wins_but_disagreement_is_reported(tmp_path):
         ({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}, "sdxl", None),
     ],
 )
-def test_family_from_metadata_variants(metadata, family, v_pred):
+def testfamily_from_metadata_variants(metadata, family, v_pred):
     assert detect_family(metadata, {})[0] == family
-    from lora_trainer.files.inspection import _family_from_metadata
+    from lora_trainer.files.inspection import family_from_metadata
 
-    assert _family_from_metadata(metadata)[:2] == (family, v_pred)
+    assert family_from_metadata(metadata)[:2] == (family, v_pred)
 
 
 def test_kohya_name_check_flags_foreign_modules(tmp_path, fake_naming):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
@@ -16,7 +17,7 @@ from typing import Any, ClassVar
 from lora_trainer.config.meta import Leaf
 from lora_trainer.errors import ConfigError
 
-__all__ = ["CoercedGroup", "bind_leaves", "coerce", "coerce_resolution", "short", "unknown"]
+__all__ = ["CoercedGroup", "bind_leaves", "coerce", "coerce_resolution", "request_number", "short", "unknown"]
 
 _KIND_TEXT = {
     "bool": "true or false",
@@ -134,3 +135,20 @@ def bind_leaves(group_classes: Mapping[str, type], leaves: Iterable[Leaf]) -> No
     for group, cls in group_classes.items():
         if issubclass(cls, CoercedGroup):
             cls._leaves = tuple(leaf for leaf in leaves if leaf.group == group)
+
+
+def request_number(data: Mapping[str, Any], key: str, default: float, low: float, high: float, *, whole: bool) -> Any:
+    """``data[key]`` (``default`` when absent or empty) as a number in [low, high], a whole one with
+    ``whole``; a number's text (from a UI box) is read too. ConfigError(key) otherwise."""
+    value = data.get(key, default)
+    if value is None or value == "":
+        value = default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(number) or (whole and number != int(number)):
+        raise ConfigError(key, f"must be a {'whole ' if whole else ''}number, got {value!r}")
+    if not low <= number <= high:
+        raise ConfigError(key, f"must be between {low:g} and {high:g}, got {value!r}")
+    return int(number) if whole else number

@@ -148,7 +148,7 @@ def _kind_of(module: _Module) -> str:
     return "?"
 
 
-def _family_from_metadata(md: dict[str, str]) -> tuple[str | None, bool | None, str | None]:
+def family_from_metadata(md: dict[str, str]) -> tuple[str | None, bool | None, str | None]:
     """(family, v_prediction, which key said so) from kohya/modelspec metadata."""
     version = md.get("ss_base_model_version", "")
     arch = md.get("modelspec.architecture", "")
@@ -207,7 +207,7 @@ def _family_from_modules(modules: list[_Module]) -> tuple[str | None, str | None
 
 def detect_family(metadata: dict[str, str], tensor_names_shapes: dict[str, list[int]]) -> tuple[str | None, str | None]:
     """Family ("sd1"/"sd2"/"sdxl"/None) and the reason, from metadata first, else from keys and shapes."""
-    family, _, source = _family_from_metadata(metadata)
+    family, _, source = family_from_metadata(metadata)
     if family:
         return family, source
     modules = _group_modules({k: {"shape": v, "dtype": "F32"} for k, v in tensor_names_shapes.items()})[0]
@@ -355,7 +355,7 @@ def inspect_lora(path: str | os.PathLike) -> dict[str, Any]:
     unplaced = sorted(unplaced + unknown_parts)
     _read_alphas(header.path, modules)
 
-    meta_family, v_pred, meta_source = _family_from_metadata(md)
+    meta_family, v_pred, meta_source = family_from_metadata(md)
     key_family, key_reason = _family_from_modules(modules)
     if meta_family and key_family and meta_family != key_family:
         warnings.append(

@@ -201,8 +201,7 @@ class _Run:
 
         # The WebUI's VAE samples the latent distribution with the global generator: encoding on a forked
         # one leaves the steps' random numbers the same whether the latents were encoded or read from disk.
-        devices = [self.device] if self.device.type == "cuda" else []
-        with placement(self.adapter, ("vae",)), torch.random.fork_rng(devices=devices):
+        with placement(self.adapter, ("vae",)), self._forked_rng():
             self.dataset.cache_latents(
                 cache, self.adapter.encode_images, vae_id=self._vae_id(), progress=progress, upcast_fn=self._upcast_fn()
             )
@@ -354,9 +353,8 @@ class _Run:
     def execute(self, resume_state: tuple | None) -> TrainResult:
         a = self.adapter
         modules = [a.unet, *a.text_encoders.values()]
-        devices = [self.device] if self.device.type == "cuda" else []
         result = TrainResult(None, 0, 0, False, None, seed=self.seed)
-        with torch.random.fork_rng(devices=devices), frozen_base(*modules):
+        with self._forked_rng(), frozen_base(*modules):
             torch.manual_seed(self.seed)
             with placement(a, self.step_parts):  # the network is made where it trains (its targets' device)
                 self._build_network()
@@ -447,9 +445,8 @@ class _Run:
         """A preview, on forked generators: the WebUI seeds the global one for each image (``rng.manual_seed``,
         a random seed when the preview's is -1), which must not change the steps' random numbers."""
         self.network.eval()
-        devices = [self.device] if self.device.type == "cuda" else []
         try:
-            with torch.no_grad(), oom_phase("a preview"), torch.random.fork_rng(devices=devices):
+            with torch.no_grad(), oom_phase("a preview"), self._forked_rng():
                 self.callbacks.on_sample(self.step, epoch)
         finally:
             self.network.train()
@@ -514,6 +511,10 @@ class _Run:
         self.resumed_file = Path(info["output_file"]) if info.get("output_file") else None
         self.step = int(info["step"])
         self.position = (int(info["epoch"]), int(info["next_batch"]))
+
+    def _forked_rng(self) -> contextlib.AbstractContextManager:
+        """torch's generators (and the run's CUDA one) as they are now, put back at the end of the block."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
 
     def _restore_rng(self, state: dict) -> None:
         """The random generators as the stopped run left them (set once everything before the steps is done)."""
