@@ -3,8 +3,9 @@
 All key mapping lives here. The input is the WebUI's own module trees (ldm/sgm
 UNet names such as ``input_blocks.1.1.transformer_blocks.0.attn1.to_q``; HF CLIP
 ``text_model.encoder.layers.0.self_attn.q_proj``; OpenCLIP
-``transformer.resblocks.0.attn``), the output is what kohya's ``networks/lora.py``
-writes for the same layer:
+``transformer.resblocks.0.attn``) or a diffusers ``UNet2DConditionModel``
+(``down_blocks.0.attentions.0.proj_in``), the output is what kohya's ``networks/lora.py``
+writes for the same layer, whichever UNet it came from:
 
 * UNet, SD1/SD2: diffusers names (``lora_unet_down_blocks_0_attentions_0_proj_in``).
 * UNet, SDXL: compvis names (``lora_unet_input_blocks_4_1_proj_in``).
@@ -17,7 +18,9 @@ writes for the same layer:
 What is targeted (as kohya): every Linear and 1x1 Conv2d inside a UNet
 ``SpatialTransformer``, every Linear of the text encoders' attention and MLP; with
 ``conv_dim`` also the UNet's ``ResBlock``/``Downsample``/``Upsample`` layers, whose
-3x3 convs take ``conv_dim`` and whose Linear/1x1 layers take ``network_dim``.
+3x3 convs take ``conv_dim`` and whose Linear/1x1 layers take ``network_dim``. On a diffusers
+UNet the same layers are those of ``Transformer2DModel`` and ``ResnetBlock2D``/``Downsample2D``/
+``Upsample2D``; a target's ``module_name`` is then the diffusers path.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from lora_trainer.errors import IncompatibleModelError
 
 UNET_ATTENTION_CLASSES = ("SpatialTransformer",)
 UNET_CONV_CLASSES = ("ResBlock", "Downsample", "Upsample")
+DIFFUSERS_ATTENTION_CLASSES = ("Transformer2DModel",)
+DIFFUSERS_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+DIFFUSERS_TOP_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
 # Newer transformers pick the attention class by implementation (eager, SDPA, flash); all have
 # the same q/k/v/out_proj layers and kohya keys.
 HF_CLIP_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
@@ -108,6 +114,24 @@ def _linear_target(key: str, name: str, module: nn.Module, group: str) -> Target
     return target
 
 
+# The ldm/sgm <-> diffusers block arithmetic (SD1, SD2, SDXL: two res blocks per level). ldm numbers
+# its top-level blocks through the levels: ``input_blocks.0`` is the input conv, then per level two
+# res blocks and the downsampler; ``output_blocks`` per level (deepest first, as diffusers'
+# ``up_blocks``) three res blocks, the upsampler inside the third.
+_PER_LEVEL = 3
+
+
+def _ldm_index(side: str, level: int, position: int) -> int:
+    """diffusers ``down_blocks``/``up_blocks`` level and position in it -> ldm top-level block number."""
+    return (1 if side == "down" else 0) + _PER_LEVEL * level + position
+
+
+def _diffusers_position(ldm_side: str, n: int) -> tuple[int, int]:
+    """ldm ``input_blocks``/``output_blocks`` number -> diffusers level and position (inverse of _ldm_index)."""
+    level, position = divmod(n - (1 if ldm_side == "input_blocks" else 0), _PER_LEVEL)
+    return level, position
+
+
 def _unet_prefix_diffusers(block_name: str) -> str:
     """ldm top-level UNet block (``input_blocks.4.1``) -> diffusers block (``down_blocks_1_attentions_0``).
 
@@ -119,12 +143,12 @@ def _unet_prefix_diffusers(block_name: str) -> str:
         return "mid_block_attentions_0" if index == 1 else f"mid_block_resnets_{index // 2}"
     n, m = int(parts[1]), int(parts[2])
     if parts[0] == "input_blocks":
-        level, i = divmod(n - 1, 3)
+        level, i = _diffusers_position(parts[0], n)
         if i == 2:
             return f"down_blocks_{level}_downsamplers_0"
         return f"down_blocks_{level}_{'attentions' if m == 1 else 'resnets'}_{i}"
     if parts[0] == "output_blocks":
-        level, i = divmod(n, 3)
+        level, i = _diffusers_position(parts[0], n)
         return f"up_blocks_{level}_{'attentions' if m == 1 else 'resnets'}_{i}"
     raise IncompatibleModelError(f"unexpected UNet block {block_name!r}")
 
@@ -138,25 +162,101 @@ def _unet_key(family: str, block_name: str, block: nn.Module, inner: str) -> str
     elif cls == "Downsample":
         inner = "conv"  # op -> downsamplers_0_conv
     elif cls == "Upsample":
-        n = int(block_name.split(".")[1])
-        return f"lora_unet_up_blocks_{n // 3}_upsamplers_0_conv"
+        level, _ = _diffusers_position("output_blocks", int(block_name.split(".")[1]))
+        return f"lora_unet_up_blocks_{level}_upsamplers_0_conv"
     return f"lora_unet_{_unet_prefix_diffusers(block_name)}_{inner.replace('.', '_')}"
 
 
+_SGM_RESNET_NAMES = {diffusers: ldm for ldm, diffusers in _RESNET_RENAMES.items()}
+
+
+def _sgm_path(unet: nn.Module, block_name: str, inner: str) -> str:
+    """diffusers UNet block + layer (``down_blocks.1.resnets.0``, ``conv1``) -> sgm path (``input_blocks.4.0.in_layers.2``)."""
+    parts = block_name.split(".")
+    if parts[0] == "mid_block":
+        kind, j = parts[1], int(parts[2])
+        top = f"middle_block.{1 if kind == 'attentions' else 2 * j}"
+    else:
+        side, level, kind, j = parts[0].split("_")[0], int(parts[1]), parts[2], int(parts[3])
+        ldm_side = "input_blocks" if side == "down" else "output_blocks"
+        if kind == "downsamplers":
+            return f"{ldm_side}.{_ldm_index(side, level, _PER_LEVEL - 1)}.0.op"
+        if kind == "upsamplers":
+            # the upsampler follows the last res block (and its attention, where the level has one)
+            index = 2 if hasattr(unet.get_submodule(f"up_blocks.{level}"), "attentions") else 1
+            return f"{ldm_side}.{_ldm_index(side, level, _PER_LEVEL - 1)}.{index}.conv"
+        top = f"{ldm_side}.{_ldm_index(side, level, j)}.{1 if kind == 'attentions' else 0}"
+    if kind == "resnets":
+        inner = _SGM_RESNET_NAMES.get(inner, inner)
+    return f"{top}.{inner}"
+
+
+def is_diffusers_unet(unet: nn.Module) -> bool:
+    """Whether ``unet`` is a diffusers ``UNet2DConditionModel`` (or built like one) rather than an ldm/sgm one."""
+    if any(hasattr(unet, name) for name in DIFFUSERS_TOP_BLOCKS):
+        return True
+    classes = (*DIFFUSERS_ATTENTION_CLASSES, *DIFFUSERS_CONV_CLASSES)
+    return any(type(m).__name__ in classes for m in unet.modules())
+
+
+def _children(block: nn.Module, name: str) -> list[nn.Module]:
+    found = getattr(block, name, None)
+    return list(cast("nn.ModuleList", found)) if found is not None else []
+
+
+def ldm_top_blocks(unet: nn.Module) -> tuple[list[list[nn.Module]], int]:
+    """A diffusers UNet's layers grouped as ldm/sgm's top-level blocks, and how many are input blocks.
+
+    The groups are ``input_blocks.N`` (the input conv; per level a res block with its attention,
+    the downsampler alone), ``middle_block`` and ``output_blocks.N`` (the upsampler in the last of
+    its level), in ldm's order: what an ldm walk of the same model would see.
+    """
+    inputs: list[list[nn.Module]] = [[unet.get_submodule("conv_in")]]
+    for down in _children(unet, "down_blocks"):
+        attentions = _children(down, "attentions")
+        inputs += [[res, *attentions[j : j + 1]] for j, res in enumerate(_children(down, "resnets"))]
+        inputs += [[d] for d in _children(down, "downsamplers")]
+    mid = unet.get_submodule("mid_block")
+    resnets, attentions = _children(mid, "resnets"), _children(mid, "attentions")
+    middle = [resnets[0]]
+    for i, res in enumerate(resnets[1:]):
+        middle += [*attentions[i : i + 1], res]
+    outputs: list[list[nn.Module]] = []
+    for up in _children(unet, "up_blocks"):
+        attentions = _children(up, "attentions")
+        outputs += [[res, *attentions[j : j + 1]] for j, res in enumerate(_children(up, "resnets"))]
+        outputs[-1] += _children(up, "upsamplers")
+    return [*inputs, middle, *outputs], len(inputs)
+
+
+def _diffusers_key(unet: nn.Module, family: str, block_name: str, inner: str) -> str:
+    """kohya: SD1/SD2 keys are the diffusers path; SDXL's are sgm's (kohya trains SDXL on an sgm-named UNet)."""
+    path = _sgm_path(unet, block_name, inner) if family == "sdxl" else f"{block_name}.{inner}"
+    return "lora_unet_" + path.replace(".", "_")
+
+
 def unet_targets(unet: nn.Module, family: str, conv: bool) -> Iterator[Target]:
-    """Targets in an ldm/sgm ``UNetModel``; ``conv`` adds the ResBlock/Down/Upsample layers."""
+    """Targets in an ldm/sgm ``UNetModel`` or a diffusers ``UNet2DConditionModel``; ``conv`` adds the res/down/up layers."""
+    diffusers = is_diffusers_unet(unet)
+    attention_classes = DIFFUSERS_ATTENTION_CLASSES if diffusers else UNET_ATTENTION_CLASSES
+    conv_classes = DIFFUSERS_CONV_CLASSES if diffusers else UNET_CONV_CLASSES
     for block_name, block in unet.named_modules():
         cls = type(block).__name__
-        if cls in UNET_ATTENTION_CLASSES:
+        if cls in attention_classes:
             convs_ok = ("conv1x1",)
-        elif conv and cls in UNET_CONV_CLASSES:
+        elif conv and cls in conv_classes:
             convs_ok = ("conv1x1", "conv3x3")
         else:
             continue
         for inner, module in block.named_modules():
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 continue
-            key = _unet_key(family, block_name, block, inner)
+            if diffusers:
+                # diffusers' Downsample2D registers its conv twice (``Conv2d_0`` first, then ``conv``)
+                inner = "conv" if cls == "Downsample2D" else inner
+                key = _diffusers_key(unet, family, block_name, inner)
+            else:
+                key = _unet_key(family, block_name, block, inner)
             target = _layer_target(key, f"{block_name}.{inner}", module, "unet")
             if target is not None and (not target.is_conv or target.kind in convs_ok):
                 yield target

@@ -20,6 +20,8 @@ from collections.abc import Iterable
 import torch.utils.checkpoint
 from torch import nn
 
+from lora_trainer.naming import is_diffusers_unet
+
 
 @contextlib.contextmanager
 def frozen_base(*modules: nn.Module):
@@ -68,7 +70,10 @@ def _checkpointed_forward(forward):
 
 
 def unet_blocks(unet: nn.Module) -> list[nn.Module]:
-    """The top-level blocks of an ldm/sgm UNet, the units activation checkpointing works on."""
+    """The units activation checkpointing works on: an ldm/sgm UNet's top-level blocks, a diffusers
+    UNet's res blocks and attention transformers (each about half of an ldm top-level block)."""
+    if is_diffusers_unet(unet):
+        return [m for m in unet.modules() if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel")]
     blocks = []
     for name in ("input_blocks", "output_blocks"):
         blocks.extend(getattr(unet, name, []))

@@ -33,12 +33,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
-from lora_trainer.naming import find_targets
+from lora_trainer.naming import find_targets, is_diffusers_unet, ldm_top_blocks
 
 if TYPE_CHECKING:
     from lora_trainer.config import TrainConfig
@@ -220,37 +220,54 @@ def _part(modules: Iterable[nn.Module]) -> Part:
 
 def _heads(module: nn.Module) -> int:
     for m in module.modules():
-        if type(m).__name__ == "CrossAttention":
+        if type(m).__name__ in ("CrossAttention", "Attention"):  # ldm's, diffusers'
             return int(getattr(m, "heads", 8))
     return 8
 
 
+# ldm/sgm class -> diffusers class of the same layer
+_RES_CLASSES, _TRANSFORMER_CLASSES = ("ResBlock", "ResnetBlock2D"), ("SpatialTransformer", "Transformer2DModel")
+_DOWN_CLASSES, _UP_CLASSES = ("Downsample", "Downsample2D"), ("Upsample", "Upsample2D")
+
+
+def _unet_tops(unet: nn.Module) -> tuple[list[list[nn.Module]], int]:
+    """The layers of each top-level block in ldm's order, and how many are input blocks.
+
+    A diffusers UNet is grouped as the ldm one, so both give the same profile."""
+    if is_diffusers_unet(unet):
+        return ldm_top_blocks(unet)
+    inputs = list(getattr(unet, "input_blocks", []))
+    tops = [*inputs, getattr(unet, "middle_block", None), *getattr(unet, "output_blocks", [])]
+    return [list(b.children()) for b in tops if b is not None], len(inputs)
+
+
+def _res_out(layer: nn.Module) -> int:
+    if type(layer).__name__ == "ResnetBlock2D":
+        return int(cast("nn.Conv2d", layer.get_submodule("conv2")).out_channels)
+    return int(cast("nn.Conv2d", cast("nn.Sequential", layer.out_layers)[-1]).out_channels)
+
+
 def _walk_unet(unet: nn.Module) -> tuple[list[Block], list[tuple[int, int]]]:
-    """Blocks and top-level inputs of an ldm/sgm UNet, by class name (ResBlock, SpatialTransformer, ...)."""
+    """Blocks and top-level inputs of an ldm/sgm or diffusers UNet, by class name (ResBlock, SpatialTransformer, ...)."""
     blocks: list[Block] = []
     inputs: list[tuple[int, int]] = []
     scale, channels, skips = 1, 0, []
-    tops = [
-        *getattr(unet, "input_blocks", []),
-        getattr(unet, "middle_block", None),
-        *getattr(unet, "output_blocks", []),
-    ]
-    n_in = len(getattr(unet, "input_blocks", []))
-    for top, block in enumerate(b for b in tops if b is not None):
+    groups, n_in = _unet_tops(unet)
+    for top, group in enumerate(groups):
         if top > n_in:  # output blocks take the skip concatenated
             channels += skips.pop()[0]
         inputs.append((channels or 4, scale))
-        for layer in block.children():
+        for layer in group:
             name = type(layer).__name__
-            if name == "ResBlock":
-                c_out = int(layer.out_layers[-1].out_channels)
+            if name in _RES_CLASSES:
+                c_out = _res_out(layer)
                 blocks.append(Block("res", top, scale, channels, c_out))
                 channels = c_out
-            elif name == "SpatialTransformer":
+            elif name in _TRANSFORMER_CLASSES:
                 depth = len(getattr(layer, "transformer_blocks", []))
                 blocks.append(Block("transformer", top, scale, channels, channels, depth, _heads(layer)))
-            elif name in ("Downsample", "Upsample"):
-                scale = scale * 2 if name == "Downsample" else scale // 2
+            elif name in (*_DOWN_CLASSES, *_UP_CLASSES):
+                scale = scale * 2 if name in _DOWN_CLASSES else scale // 2
                 blocks.append(Block("conv", top, scale, channels, channels))
             elif isinstance(layer, nn.Conv2d):
                 channels = int(layer.out_channels)
