@@ -159,11 +159,30 @@ class TrainDataset(torch.utils.data.Dataset):
         batch_index %= len(plan)
         return self.load_batch(plan[batch_index], epoch=self._epoch, batch_index=batch_index)
 
-    def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict]:
-        """Yield the epoch's batches from ``start_batch`` on (earlier ones are not loaded)."""
+    def iter_epoch(
+        self, epoch: int, start_batch: int = 0, shard: Callable[[int], slice] | None = None
+    ) -> Iterator[dict]:
+        """Yield the epoch's batches from ``start_batch`` on (earlier ones are not loaded).
+
+        ``shard(n)``: this process's part of a batch of ``n`` (data parallel training): only that part
+        is loaded, each sample with the random choices it has in the whole batch; the batch also
+        carries ``batch_size`` (the whole batch's) and ``batch_captions`` (all its captions). A
+        process whose part is empty gets the batch without images (``indices`` empty, no tensors).
+        """
         plan = self.batches_for_epoch(epoch)
         for b in range(start_batch, len(plan)):
-            yield self.load_batch(plan[b], epoch=epoch, batch_index=b)
+            if shard is None:
+                yield self.load_batch(plan[b], epoch=epoch, batch_index=b)
+                continue
+            part = shard(len(plan[b]))
+            indices = plan[b][part]
+            if indices:
+                batch = self.load_batch(indices, epoch=epoch, batch_index=b, first_slot=part.start)
+            else:
+                batch = {"indices": [], "captions": [], "epoch": epoch, "batch_index": b}
+            batch["batch_size"] = len(plan[b])
+            batch["batch_captions"] = [self.items[i].caption for i in plan[b]]
+            yield batch
 
     # -- loading
 
@@ -199,8 +218,11 @@ class TrainDataset(torch.utils.data.Dataset):
             return crop_top_left
         return sdxl_crop_top_left(self.sizes[i], self.assignments[i].bucket, flipped=flip)
 
-    def load_batch(self, indices: Sequence[int], *, epoch: int = 0, batch_index: int = 0) -> dict:
-        """Load the batch of item ``indices`` (all from one bucket); see the class doc for the dict."""
+    def load_batch(self, indices: Sequence[int], *, epoch: int = 0, batch_index: int = 0, first_slot: int = 0) -> dict:
+        """Load the batch of item ``indices`` (all from one bucket); see the class doc for the dict.
+
+        ``first_slot``: the first item's place in its batch when ``indices`` is a part of it (the
+        random flip and crop are drawn per place)."""
         if not indices:
             raise ValueError("empty batch")
         bucket = self.assignments[indices[0]].bucket
@@ -209,7 +231,7 @@ class TrainDataset(torch.utils.data.Dataset):
             a = self.assignments[i]
             if a.bucket != bucket:
                 raise ValueError(f"batch mixes buckets {bucket} and {a.bucket}")
-            rng = self._sample_rng(epoch, batch_index, slot)
+            rng = self._sample_rng(epoch, batch_index, first_slot + slot)
             flip = self.flip_aug and rng.random() < 0.5
             if self._latents is not None:
                 plain, flipped = self._latents[i]

@@ -105,6 +105,7 @@ class TrainingInfo:
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     batch_size: int = 1
+    num_processes: int = 1  # data parallel training: kohya's total batch counts every process's batch
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
     max_grad_norm: float = 1.0
@@ -354,7 +355,7 @@ def build_metadata(info: TrainingInfo, *, minimal: bool = False, modelspec: bool
         "ss_resize_interpolation": None,
         # kohya's branch without --dataset_config (one dataset, folder-based): flat keys, not ss_datasets
         "ss_batch_size_per_device": info.batch_size,
-        "ss_total_batch_size": info.batch_size * info.gradient_accumulation_steps,
+        "ss_total_batch_size": info.batch_size * info.num_processes * info.gradient_accumulation_steps,
         "ss_resolution": resolution,
         "ss_color_aug": bool(info.color_aug),
         "ss_flip_aug": bool(info.flip_aug),

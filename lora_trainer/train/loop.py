@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import random
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -49,7 +47,7 @@ from lora_trainer.data.scan import scan_dataset
 from lora_trainer.errors import ConfigError, IncompatibleModelError
 from lora_trainer.files.kohya_metadata import build_metadata
 from lora_trainer.files.lora_file import save_lora
-from lora_trainer.files.resume_state import StateFileError, load_state, save_state
+from lora_trainer.files.resume_state import save_state
 from lora_trainer.naming import find_targets
 from lora_trainer.networks.network import LoRANetwork
 from lora_trainer.train import objectives
@@ -59,15 +57,13 @@ from lora_trainer.train.guards import LOSS_SKIP, SCALE_FLOOR, StepGuard, grads_f
 from lora_trainer.train.network_setup import block_plan_for, network_groups, rank_alpha_for
 from lora_trainer.train.oom import oom_phase, train_steps
 from lora_trainer.train.optim import build_optimizer, build_scheduler, current_lrs
+from lora_trainer.train.parallel import ListeningCallbacks, Parallel, single_process
 from lora_trainer.train.phases import TextOutputCache, cache_text_outputs, step_parts
+from lora_trainer.train.resume import config_hash, load_resume_state, shaping_settings, state_dir_for
 from lora_trainer.train.run_info import training_info
 from lora_trainer.train.validation import Validator, split_for_run
 
 TE_GROUPS = ("te", "te1", "te2")
-
-
-def state_dir_for(work_dir: str | os.PathLike, output_name: str) -> Path:
-    return Path(work_dir) / "states" / output_name
 
 
 def train(
@@ -77,33 +73,57 @@ def train(
     *,
     work_dir: str | os.PathLike,
     resume: bool = False,
+    parallel: Parallel | None = None,
 ) -> TrainResult:
     """Train a LoRA on ``adapter``'s model as ``cfg`` says; returns where it went.
 
     ``work_dir``: latent caches and resume states (the host's ``work_dir``; the loop has no folder of its own).
     ``resume``: continue from the state saved under ``work_dir`` for ``cfg.save.output_name``
     (written when ``save.save_state`` is on, and always when a run is stopped).
+    ``parallel``: data parallel training (:mod:`lora_trainer.train.parallel`); each of the processes calls
+    ``train`` with the same settings. The batch size is per process: N processes with batch B train as one
+    process with batch N*B (the same batches, captions, noise and timesteps; the gradients are summed
+    across the processes before each step). Only the main process reports to ``callbacks`` (the others'
+    only ``should_stop`` is asked) and writes files (the LoRA, resume states, the disk latent cache; the
+    others' result names the files it writes; they return once it has). Validation runs on every process (the
+    same numbers, no exchange). Random numbers that are not the batch's own (network dropout, the VAE's
+    sampling of uncached latents) are drawn per process: equal in distribution, not in value.
     Raises ConfigError / DatasetError / IncompatibleModelError before touching the model.
     """
     cfg.validate()
     work_dir = Path(work_dir)
     resume_state = load_resume_state(cfg, adapter.family, work_dir) if resume else None
     seed = resume_state[1]["seed"] if resume_state else cfg.training.seed
-    run = _Run(cfg, adapter, callbacks or Callbacks(), work_dir, seed)
-    return run.execute(resume_state)
+    run = _Run(cfg, adapter, callbacks or Callbacks(), work_dir, seed, parallel or single_process())
+    result = run.execute(resume_state)
+    run.parallel.barrier()  # every process returns once the main one has written the files
+    return result
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig, adapter: ModelAdapter, callbacks: Callbacks, work_dir: Path, seed: int | None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        adapter: ModelAdapter,
+        callbacks: Callbacks,
+        work_dir: Path,
+        seed: int | None,
+        parallel: Parallel | None = None,
+    ):
         if adapter.family not in FAMILIES:
             raise IncompatibleModelError(f"model family {adapter.family!r} is not supported (only {FAMILIES})")
         if not cfg.save.output_dir:
             raise ConfigError("save.output_dir", "no output folder set: name the folder the LoRA is written to")
+        self.parallel = parallel = parallel or single_process()
+        if not parallel.is_main:
+            callbacks = ListeningCallbacks(callbacks)
         self.cfg, self.adapter, self.callbacks, self.work_dir = cfg, adapter, callbacks, work_dir
         self.output_dir = Path(cfg.save.output_dir)
         self.state_dir = state_dir_for(work_dir, cfg.save.output_name)
         self.device = adapter.device
         self.seed = int(seed) if seed is not None else random.randint(0, 2**31 - 1)
+        if parallel.distributed:  # every process trains from the main one's seed
+            self.seed = int(parallel.sum([self.seed if parallel.is_main else 0])[0])
         self.session_id = random.randint(0, 2**32)
         self.started_at = time.time()
         self.step = 0
@@ -122,7 +142,11 @@ class _Run:
             bucket_no_upscale=ds.bucket_no_upscale,
         )
         self.dataset = TrainDataset(
-            self.items, buckets, batch_size=cfg.training.train_batch_size, flip_aug=ds.flip_aug, seed=self.seed
+            self.items,
+            buckets,
+            batch_size=cfg.training.train_batch_size * parallel.world_size,  # the batch of all processes
+            flip_aug=ds.flip_aug,
+            seed=self.seed,
         )
         accum = cfg.training.gradient_accumulation_steps
         self.steps_per_epoch = math.ceil(len(self.dataset) / accum)
@@ -201,11 +225,26 @@ class _Run:
 
         # The WebUI's VAE samples the latent distribution with the global generator: encoding on a forked
         # one leaves the steps' random numbers the same whether the latents were encoded or read from disk.
-        with placement(self.adapter, ("vae",)), self._forked_rng():
-            self.dataset.cache_latents(
-                cache, self.adapter.encode_images, vae_id=self._vae_id(), progress=progress, upcast_fn=self._upcast_fn()
-            )
-        self.upcast_latents += cache.stats["upcast"]
+        def fill() -> None:
+            with placement(self.adapter, ("vae",)), self._forked_rng():
+                self.dataset.cache_latents(
+                    cache,
+                    self.adapter.encode_images,
+                    vae_id=self._vae_id(),
+                    progress=progress,
+                    upcast_fn=self._upcast_fn(),
+                )
+            self.upcast_latents += cache.stats["upcast"]
+
+        par = self.parallel
+        if not (par.distributed and ds.cache_latents_to_disk):
+            fill()  # each process encodes into its own memory
+            return
+        if par.is_main:  # the main process encodes and writes the disk cache; the others then read it
+            fill()
+        par.barrier()
+        if not par.is_main:
+            fill()
 
     def _cache_text_outputs(self) -> None:
         """kohya's cache_text_encoder_outputs (``train.phases``): every caption encoded once, before the steps."""
@@ -277,24 +316,32 @@ class _Run:
             self._text_cache[key] = cond = cond.detach()
         return cond
 
-    def _loss(self, batch: dict, epoch: int) -> torch.Tensor:
+    def _loss(self, batch: dict, epoch: int) -> torch.Tensor | None:
+        """The batch's loss (the mean over its samples), or, with data parallel training, this process's
+        part of it (its samples' sum over the whole batch's size; None for no samples). Captions, noise
+        and timesteps are drawn for the whole batch, then this process's part is taken."""
         cfg, a = self.cfg, self.adapter
         seed = _derive(self.seed, epoch, batch["batch_index"])
         rng = random.Random(seed)
         gen = torch.Generator().manual_seed(seed)
+        size = batch.get("batch_size")  # set for a part of a batch (data parallel)
+        part = self.parallel.shard(size) if size is not None else slice(None)
+        captions = [self._caption(c, rng, epoch) for c in batch.get("batch_captions", batch["captions"])][part]
+        if not batch["indices"]:
+            return None
         if "latents" in batch:
             latents = batch["latents"].to(self.device, torch.float32)
         else:
             latents = self._encode_batch(batch).to(self.device, torch.float32)
-        captions = [self._caption(c, rng, epoch) for c in batch["captions"]]
         size_cond = None
         if a.family == "sdxl":
             size_cond = [
                 SizeCond(tuple(o), tuple(c), tuple(t))
                 for o, c, t in zip(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"], strict=True)
             ]
-        noise = objectives.sample_noise(latents, gen, cfg.training.noise_offset).to(self.device)
-        timesteps = objectives.sample_timesteps(latents.shape[0], gen).to(self.device)
+        whole = latents if size is None else latents.new_empty((size, *latents.shape[1:]))
+        noise = objectives.sample_noise(whole, gen, cfg.training.noise_offset)[part].to(self.device)
+        timesteps = objectives.sample_timesteps(whole.shape[0], gen)[part].to(self.device)
         noisy = objectives.add_noise(latents, noise, timesteps, self.alphas)
         with self.precision.autocast_context(self.device.type):
             cond = self._encode_text(captions, size_cond).to(self.device)
@@ -305,7 +352,8 @@ class _Run:
             weights = objectives.min_snr_weight(
                 timesteps, self.alphas, cfg.training.min_snr_gamma, a.prediction_type == "v_prediction"
             )
-        return objectives.loss_per_sample(pred.float(), target, weights).mean()
+        per_sample = objectives.loss_per_sample(pred.float(), target, weights)
+        return per_sample.mean() if size is None else per_sample.sum() / size
 
     def _optimizer_step(self, loss_finite: bool) -> None:
         """One optimizer step from the accumulated gradients, or a skipped one (see ``guards``)."""
@@ -313,11 +361,16 @@ class _Run:
         try:
             if not loss_finite:
                 self.guard.skip(step, LOSS_SKIP)
-            elif self._apply_gradients(step):
+            elif self._reduce_gradients() and self._apply_gradients(step):
                 self.scheduler.step()
                 self.guard.ok()
         finally:
             self._zero_grad()
+
+    def _reduce_gradients(self) -> bool:
+        """Data parallel: the gradients summed across the processes (``Parallel.sum_gradients_``)."""
+        self.parallel.sum_gradients_(self.params)
+        return True
 
     def _apply_gradients(self, step: int) -> bool:
         """Clip and apply the gradients; False when the step was skipped for NaN/inf gradients."""
@@ -405,16 +458,19 @@ class _Run:
         accum = cfg.training.gradient_accumulation_steps
         last = len(self.dataset) - 1
         loss_sum, micro, finite = 0.0, 0, True
-        for batch in self.dataset.iter_epoch(epoch, first_batch):
-            if self.callbacks.should_stop():
+        par = self.parallel
+        shard = par.shard if par.distributed else None
+        for batch in self.dataset.iter_epoch(epoch, first_batch, shard):
+            if par.any(self.callbacks.should_stop()):
                 result.stopped_early = True
                 self._zero_grad()  # drop a partial accumulation
                 return False
             loss = self._loss(batch, epoch)
-            value = loss.item()
-            if math.isfinite(value):  # a NaN/inf loss gets no backward: its step is skipped
+            value = loss.item() if loss is not None else 0.0
+            if loss is not None and math.isfinite(value):  # a NaN/inf loss gets no backward: its step is skipped
                 (self.scaler.scale(loss / accum) if self.scaler else loss / accum).backward()
-            else:
+            value = par.sum([value])[0]  # the whole batch's loss: NaN/inf on any process makes it so
+            if not math.isfinite(value):
                 finite = False
             loss_sum, micro = loss_sum + value, micro + 1
             if micro < accum and batch["batch_index"] < last:
@@ -454,11 +510,13 @@ class _Run:
     # -- saving and resuming
 
     def _save(self, result: TrainResult, stem: str, epoch: int, final: bool = False) -> Path:
-        self.callbacks.on_status(f"Saving {stem}.safetensors")
-        metadata = build_metadata(training_info(self, epoch, stopped_early=final and result.stopped_early))
         target, overwrite = self.output_dir / f"{stem}.safetensors", self.cfg.save.overwrite
         if final and self.resumed_file is not None and self.resumed_file.parent == self.output_dir:
             target, overwrite = self.resumed_file, True  # a resumed run finishes the file it left
+        if not self.parallel.is_main:
+            return target  # the main process writes the file (the same weights)
+        self.callbacks.on_status(f"Saving {stem}.safetensors")
+        metadata = build_metadata(training_info(self, epoch, stopped_early=final and result.stopped_early))
         with oom_phase("saving"):
             path = save_lora(
                 target, self.network.state_dict(), metadata, dtype=self.cfg.save.save_precision, overwrite=overwrite
@@ -493,7 +551,8 @@ class _Run:
             "skipped_steps": self.guard.skipped,
             "output_file": str(result.output_path) if result.output_path else None,
         }
-        save_state(self.state_dir, state, info=info)
+        if self.parallel.is_main:  # every process restores the main one's state
+            save_state(self.state_dir, state, info=info)
         return self.state_dir
 
     def _restore(self, result: TrainResult, state: dict, info: dict) -> None:
@@ -523,22 +582,6 @@ class _Run:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 
 
-def load_resume_state(cfg: TrainConfig, family: str, work_dir: Path) -> tuple[dict, dict]:
-    """The state a stopped run left for ``cfg.save.output_name``, checked against ``cfg``."""
-    directory = state_dir_for(work_dir, cfg.save.output_name)
-    state, info = load_state(directory)
-    if info.get("family") != family:
-        raise StateFileError(
-            f"the saved state in {directory} is from a {info.get('family')} model, but the loaded model is {family}"
-        )
-    if info.get("config_hash") != config_hash(cfg):
-        raise StateFileError(
-            f"the settings differ from those of the run saved in {directory}: resume with the same settings "
-            "(only the number of steps or epochs, the output and the samples may change)"
-        )
-    return state, info
-
-
 def _every(n: int | None, count: int) -> bool:
     """A periodic action (save, preview) is due at ``count`` when ``n`` is set and divides it."""
     return bool(n) and count % n == 0
@@ -547,25 +590,3 @@ def _every(n: int | None, count: int) -> bool:
 def _derive(seed: int, *parts: int) -> int:
     digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def _shaping(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
-    data = cfg.to_dict()
-    shaping = {group: data[group] for group in ("dataset", "network", "optim", "training")}
-    shaping["training"] = {k: v for k, v in shaping["training"].items() if k not in _LENGTH_AND_SEED}
-    return shaping
-
-
-def config_hash(cfg: TrainConfig) -> str:
-    """Hash of the settings that shape the optimisation: not its length, seed, output or samples."""
-    return hashlib.sha256(json.dumps(_shaping(cfg), sort_keys=True, default=str).encode()).hexdigest()
-
-
-def shaping_settings(cfg: TrainConfig) -> dict[str, Any]:
-    """The settings :func:`config_hash` covers, by dotted name, as JSON gives them back (kept in a resume
-    state, so a resume with other settings can name the one that differs)."""
-    flat = {f"{group}.{key}": value for group, values in _shaping(cfg).items() for key, value in values.items()}
-    return json.loads(json.dumps(flat, default=str))
-
-
-_LENGTH_AND_SEED = ("max_train_epochs", "max_train_steps", "seed")

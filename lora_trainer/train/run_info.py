@@ -89,6 +89,7 @@ def training_info(run: _Run, epoch: int, stopped_early: bool) -> TrainingInfo:
         lr_scheduler=opt.lr_scheduler,
         lr_warmup_steps=opt.lr_warmup_steps,
         batch_size=tr.train_batch_size,
+        num_processes=run.parallel.world_size,
         gradient_accumulation_steps=tr.gradient_accumulation_steps,
         gradient_checkpointing=tr.gradient_checkpointing,
         max_grad_norm=opt.max_grad_norm,
