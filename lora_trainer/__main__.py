@@ -4,6 +4,9 @@ Commands:
 
 - ``inspect FILE [--json]``: describe a LoRA file (ours, kohya's or LyCORIS's): family, network
   type, ranks and alphas per group, keys that match no module, metadata summary, hashes.
+- ``train CONFIG.toml --checkpoint MODEL.safetensors ...``: train a LoRA on a single-file SD1/SD2/SDXL
+  checkpoint without the WebUI (needs the ``train`` extra; see
+  :mod:`lora_trainer.backends.checkpoint.command`). Several GPUs: ``accelerate launch -m lora_trainer train ...``.
 
 Each command is a ``register_*`` function in :data:`COMMANDS` that adds its subparser and sets
 ``handler`` to a function ``(args) -> exit code``; a handler imports what it needs itself, so
@@ -48,8 +51,61 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def register_train(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a LoRA on a checkpoint file, without the WebUI",
+        description="Train a LoRA on a single-file SD1, SD2 or SDXL checkpoint (.safetensors) as the tab would, "
+        "with the settings of CONFIG (our TOML, as the tab saves it, or a kohya --config_file TOML). Options "
+        "given here replace the file's. Ctrl-C stops and saves what was trained (continue with --resume); "
+        "a second Ctrl-C aborts. Several GPUs: accelerate launch -m lora_trainer train ...",
+    )
+    p.add_argument("config", metavar="CONFIG.toml", help="the settings: our TOML or a kohya TOML")
+    p.add_argument(
+        "--checkpoint",
+        metavar="MODEL",
+        help="the SD1/SD2/SDXL checkpoint (.safetensors); default: the kohya TOML's pretrained_model_name_or_path",
+    )
+    p.add_argument("--vae", metavar="FILE", help="a separate VAE file (default: the checkpoint's own VAE)")
+    p.add_argument("--output-dir", metavar="DIR", help="folder the LoRA is written to (replaces output_dir)")
+    p.add_argument("--output-name", metavar="NAME", help="file name without extension (replaces output_name)")
+    p.add_argument(
+        "--work-dir", metavar="DIR", help="latent caches, resume states and logs (default: OUTPUT_DIR/.lora-train)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue the stopped run of the same output name")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file of the same name")
+    p.add_argument(
+        "--v-parameterization",
+        action="store_true",
+        help="the model predicts v (SD2 768-v); default: from the checkpoint, or the kohya TOML's v_parameterization",
+    )
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="also read .ckpt/.pt (pickle) files; only files you trust"
+    )
+    p.add_argument("--device", metavar="cpu|cuda|cuda:N", help="where to train (default: the first GPU, else the CPU)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        default="auto",
+        help="precision the model is held in (default auto: fp32 on the CPU, fp16 on a GPU); the LoRA trains in "
+        "fp32 under the config's mixed_precision",
+    )
+    p.add_argument(
+        "--ignore-unknown",
+        action="store_true",
+        help="ignore settings the config file holds that this trainer does not know (default: an error naming them)",
+    )
+    p.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from lora_trainer.backends.checkpoint.command import run
+
+    return run(args)
+
+
 # The commands, in the order `--help` lists them.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [register_inspect]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [register_inspect, register_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

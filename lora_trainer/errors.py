@@ -22,6 +22,10 @@ class IncompatibleModelError(LoraTrainerError):
     """The loaded model is not one we can train (unknown family, missing parts ...)."""
 
 
+class CheckpointError(LoraTrainerError):
+    """A base-model file that cannot be read: missing, damaged, truncated, or a pickle not allowed."""
+
+
 class LoraFileError(LoraTrainerError):
     """A file that is not a readable LoRA (damaged, not safetensors, no LoRA keys)."""
 
