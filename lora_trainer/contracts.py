@@ -15,7 +15,8 @@ Families and their parts::
 
 The module trees are what LoRA attaches to, and their module names decide the
 kohya keys (``lora_trainer.naming``): ``unet`` must yield ldm/sgm names
-(``input_blocks.1.1.proj_in``), an HF text encoder ``text_model.encoder.layers.N...``,
+(``input_blocks.1.1.proj_in``) or be a diffusers ``UNet2DConditionModel`` (whose names give the
+same kohya keys), an HF text encoder ``text_model.encoder.layers.N...``,
 an OpenCLIP text encoder ``transformer.resblocks.N...``.
 """
 
@@ -171,12 +172,19 @@ def placement(adapter: object, parts: Iterable[str]) -> ContextManager[None]:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The loaded model as the tab shows it; ``problem`` says why it cannot be trained, if so."""
+    """The loaded model as the tab shows it; ``problem`` says why it cannot be trained, if so.
+
+    ``checkpoint_path`` / ``vae_path``: the files loaded ("" when unknown or built in), and
+    ``prediction_type``, for the command line that trains the same model without the host.
+    """
 
     family: str | None
     checkpoint: str
     vae: str
     problem: str | None = None
+    checkpoint_path: str = ""
+    vae_path: str = ""
+    prediction_type: str = ""
 
 
 @dataclass(frozen=True)

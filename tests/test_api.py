@@ -47,7 +47,7 @@ def wait_done(client, job_id, timeout=120.0) -> dict:
 
 
 def test_schema_presets_and_model(api):
-    client, _, _ = api
+    client, _, host = api
     assert client.get(f"{PREFIX}/schema").json() == TrainConfig.json_schema()
     presets = client.get(f"{PREFIX}/presets").json()
     assert [p["name"] for p in presets] == list(PRESETS)
@@ -59,6 +59,9 @@ def test_schema_presets_and_model(api):
         "checkpoint": "tiny.safetensors",
         "vae": "Automatic",
         "problem": None,
+        "checkpoint_path": str(host.lora_dir.parent / "Stable-diffusion" / "tiny.safetensors"),
+        "vae_path": "",
+        "prediction_type": "epsilon",
     }
 
 

@@ -107,7 +107,7 @@ def test_core_imports_without_the_webui_or_gradio():
         import importlib, pkgutil, sys
         sys.modules["modules"] = sys.modules["gradio"] = sys.modules["networks"] = None
         import lora_trainer
-        allowed = {"lora_trainer.webui.ui", "lora_trainer.webui.workshop_ui", "lora_trainer.webui.results_ui", "lora_trainer.webui.tryout_ui"}  # gradio at import time
+        allowed = {"lora_trainer.webui.ui", "lora_trainer.webui.workshop_ui", "lora_trainer.webui.results_ui", "lora_trainer.webui.tryout_ui", "lora_trainer.webui.export_ui"}  # gradio at import time
         backend, failed = [], []
         for info in pkgutil.walk_packages(lora_trainer.__path__, "lora_trainer."):
             if info.name.startswith("lora_trainer.backends.webui."):

@@ -8,7 +8,7 @@ Layout (``create_tab``)::
     │ Dataset | Network & optimizer | Training  │ │ message (red: what to fix)    │
     │   | Save & samples  (+ Dataset workshop)  │ │ status: state, phase, steps   │
     │ one component per fields.FIELDS row       │ │ loss plot (inline SVG)        │
-    │                                           │ │ preview images                │
+    │ ▸ Export / import TOML (export_ui)        │ │ preview images                │
     └───────────────────────────────────────────┘ │ [Send to txt2img]             │
                                                    └───────────────────────────────┘
 
@@ -35,6 +35,7 @@ from lora_trainer.errors import ConfigError, LoraTrainerError
 from lora_trainer.jobs import JobManager
 from lora_trainer.log import logger, warning_once
 from lora_trainer.webui import render
+from lora_trainer.webui.export_ui import export_section
 from lora_trainer.webui.fields import (
     FIELDS,
     GROUP_LABELS,
@@ -126,6 +127,7 @@ def create_tab(
                             # prepares. Keep training settings out of it: they are the fields.
                             with gr.Tab("Dataset workshop", elem_id="lora_train_section_workshop"):
                                 workshop(cast(gr.Textbox, components["dataset.train_data_dir"]))
+                tab.lora_train_export = export_section(host, [components[spec.path] for spec in FIELDS])  # pyright: ignore[reportAttributeAccessIssue]
 
             with gr.Column(scale=2, elem_id="lora_train_run"):
                 gr.HTML('<div class="lora_train_run_title">Run</div>' + _help_json())

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from modules import call_queue, devices, shared
+from modules import call_queue, devices, sd_vae, shared
 from torch import nn
 
 from lora_trainer.backends.webui import options
@@ -183,10 +183,19 @@ class WebUIHost:
             return ModelInfo(None, "", "", "no model is loaded yet: pick a checkpoint at the top of the page")
         checkpoint, vae = checkpoint_label(sd_model), vae_label()
         try:
-            family, _ = detect_model(sd_model)
+            family, prediction_type = detect_model(sd_model)
         except IncompatibleModelError as e:
             return ModelInfo(None, checkpoint, vae, str(e))
-        return ModelInfo(family, checkpoint, vae, environment_problem(sd_model))
+        info = getattr(sd_model, "sd_checkpoint_info", None)
+        return ModelInfo(
+            family,
+            checkpoint,
+            vae,
+            environment_problem(sd_model),
+            checkpoint_path=str(getattr(info, "filename", "") or ""),
+            vae_path=str(sd_vae.loaded_vae_file or ""),
+            prediction_type=prediction_type,
+        )
 
     def free_memory(self) -> DeviceMemory:
         """The WebUI's device now (``torch.cuda.mem_get_info`` on CUDA, available RAM on the CPU), the
