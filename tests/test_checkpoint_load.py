@@ -216,3 +216,29 @@ def test_a_half_precision_file_loads_in_the_dtype_asked_for(tmp_path):
     adapter = load_checkpoint(half)  # float32
     weight = "down_blocks.0.resnets.0.conv1.weight"
     assert torch.equal(adapter.unet.state_dict()[weight], reference.unet.state_dict()[weight].half().float())
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_the_yaml_beside_the_checkpoint_gives_the_denoisers_heads(tmp_path, family):
+    """No tensor shows the heads: the WebUI takes them from the checkpoint's .yaml, and so does the loader.
+    With it, the loaded denoiser computes what the WebUI-shaped tiny model computes; without it, the family's
+    rule (SD1 8 heads, SD2/SDXL 64-channel heads) gives another attention."""
+    from lora_trainer.backends.checkpoint.loader import load_checkpoint
+    from lora_trainer.contracts import Conditioning
+    from tests.fixtures.webui_models import TinyAdapter
+
+    path = write_tiny_checkpoint(tmp_path / f"{family}.safetensors", family, seed=3)
+    webui = TinyAdapter(family, seed=3)
+    context_dim = next(m for n, m in webui.unet.named_modules() if n.endswith("attn2.to_k")).in_features
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([10, 900])
+    vector = torch.randn(2, webui.unet.label_emb[0][0].in_features, generator=gen) if family == "sdxl" else None
+    cond = Conditioning(torch.randn(2, 77, context_dim, generator=gen), vector)
+    with torch.no_grad():
+        expected = webui.predict(x, t, cond)
+        loaded = load_checkpoint(path, v_parameterization=False)
+        torch.testing.assert_close(loaded.predict(x, t, cond), expected, rtol=1e-5, atol=1e-5)
+        path.with_suffix(".yaml").unlink()
+        by_rule = load_checkpoint(path, v_parameterization=False)
+        assert loaded.unet.config.attention_head_dim != by_rule.unet.config.attention_head_dim
+        assert not torch.allclose(by_rule.predict(x, t, cond), expected, rtol=1e-4, atol=1e-4)

@@ -5,8 +5,11 @@ caller allows it, since unpickling can run code), tells the family from its keys
 denoiser and the VAE into diffusers' modules (:mod:`.unet`, :mod:`.vae`), builds the text encoders
 (:mod:`.text_encoders`) and frees the file's tensors once the modules hold them.
 
-Prediction type: ``v_parameterization`` when given; else a ``<checkpoint>.yaml`` beside the file
-that says ``parameterization: "v"`` (the WebUI reads that file as the model's config); else, for
+A ``<checkpoint>.yaml`` beside the file is the model's config, as in the WebUI: its ``num_heads`` /
+``num_head_channels`` give the denoiser's heads (which no tensor shows; else the family's rule) and
+its ``parameterization`` the prediction type.
+
+Prediction type: ``v_parameterization`` when given; else the yaml's ``parameterization: "v"``; else, for
 SD2, the WebUI's own test: the denoiser on a fixed input (all 0.5, timestep 999) predicts
 ``mean(out - x) < -1`` only when it was trained for v; else epsilon. kohya reads only its
 ``--v_parameterization`` flag; these are the WebUI's rules, so a LoRA trains for the prediction the
@@ -16,7 +19,7 @@ model is used with in the WebUI.
 from __future__ import annotations
 
 import os
-import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,12 +114,37 @@ def _take(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor
     return {k[len(prefix) :]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
 
 
-def _yaml_says_v(path: Path) -> bool:
+def model_yaml(path: Path) -> dict[str, Any]:
+    """The ``model.params`` of a ``<checkpoint>.yaml`` beside the file (the WebUI loads a checkpoint with
+    that config when it is there), or {} when there is none or it is not a readable config."""
     config = path.with_suffix(".yaml")
     if not config.is_file():
-        return False
-    text = config.read_text(encoding="utf-8", errors="replace")
-    return re.search(r"^\s*parameterization:\s*[\"']?v[\"']?\s*$", text, re.MULTILINE) is not None
+        return {}
+    import yaml  # PyYAML: a dependency of accelerate (the train extra) and of the WebUI
+
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8", errors="replace"))
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"{config} (the config beside the checkpoint) is not valid YAML: {exc}") from exc
+    params = data.get("model", {}).get("params") if isinstance(data, dict) else None
+    return params if isinstance(params, dict) else {}
+
+
+def _yaml_says_v(params: dict[str, Any]) -> bool:
+    return params.get("parameterization") == "v"
+
+
+def yaml_heads(params: dict[str, Any]) -> Callable[[int], int] | None:
+    """The denoiser's heads per width from the yaml's ``num_head_channels`` (> 0) or ``num_heads`` (ldm's
+    ``unet_config``, sgm's ``network_config``), or None to use the family's rule."""
+    unet = params.get("unet_config") or params.get("network_config") or {}
+    args = unet.get("params", {}) if isinstance(unet, dict) else {}
+    head_channels, heads = int(args.get("num_head_channels", -1) or -1), int(args.get("num_heads", -1) or -1)
+    if head_channels > 0:
+        return lambda width: max(1, width // head_channels)
+    if heads > 0:
+        return lambda width: heads
+    return None
 
 
 @torch.no_grad()
@@ -140,11 +168,14 @@ def _build(cls: Any, config: dict[str, Any], state: dict[str, torch.Tensor], pat
     return module  # in the file's dtype: the adapter casts each tensor once, to where it trains
 
 
-def build_unet(state: dict[str, torch.Tensor], family: str, path: Path) -> Any:
-    """diffusers' denoiser from the ldm tensors (keys without ``model.diffusion_model.``)."""
+def build_unet(
+    state: dict[str, torch.Tensor], family: str, path: Path, heads: Callable[[int], int] | None = None
+) -> Any:
+    """diffusers' denoiser from the ldm tensors (keys without ``model.diffusion_model.``); ``heads``:
+    the yaml's (:func:`yaml_heads`), else the family's rule."""
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
-    config = unet_config_from_state(state, family)
+    config = unet_config_from_state(state, family, heads=heads)
     return _build(UNet2DConditionModel, config, convert_unet_state(state), path, "denoiser")
 
 
@@ -180,12 +211,13 @@ def load_checkpoint(
     state = read_state_dict(file, allow_pickle=allow_pickle)
     family = detect_family(state, file)
     vae_state = read_state_dict(vae_path, allow_pickle=allow_pickle, what="VAE") if vae_path is not None else None
-    unet = build_unet(_take(state, UNET_PREFIX), family, file)
+    params = model_yaml(file)
+    unet = build_unet(_take(state, UNET_PREFIX), family, file, yaml_heads(params))
     checkpoint_vae = _take(state, VAE_PREFIX)
     if vae_state is not None:
         checkpoint_vae = _take(vae_state, VAE_PREFIX) or vae_state
     vae = build_vae(checkpoint_vae, family, Path(vae_path) if vae_path is not None else file)
-    if v_parameterization is None and _yaml_says_v(file):
+    if v_parameterization is None and _yaml_says_v(params):
         v_parameterization = True
     adapter = _assemble(
         family, "v_prediction" if v_parameterization else "epsilon", unet, vae, state, file, vae_path, device, dtype
