@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import runpy
 import sys
 import types
@@ -124,3 +125,17 @@ def test_run_as_the_webui_runs_it(monkeypatch):
 )
 def test_version_parsing(text, expected):
     assert load_install()._version_tuple(text) == expected
+
+
+def test_the_command_lines_extra_is_never_installed_into_the_webui():
+    """diffusers, accelerate and open-clip-torch (pyproject's ``train`` extra) are for the command line only."""
+    import toml
+
+    pyproject = toml.loads((INSTALL_PY.parent / "pyproject.toml").read_text())
+    extra = pyproject["project"]["optional-dependencies"]["train"]
+    names = {re.split(r"[<>=!\[ ]", req, maxsplit=1)[0].lower() for req in extra} - {"tqdm"}  # tqdm: the WebUI's own
+    assert {"diffusers", "accelerate", "open-clip-torch"} <= names
+    launch = FakeLaunch(missing={name.replace("-", "_") for name in names} | names)
+    run(launch)
+    assert launch.pip_calls == []
+    assert not {r.dist.lower() for r in load_install().REQUIREMENTS} & names
