@@ -3,26 +3,13 @@ figures it prints agree with each other."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_cli_step.py"
-
-
-def load_bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_cli_step", BENCH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+from tests.fixtures.bench import load_bench
 
 
 def test_bench_cli_step_prints_both_step_times_and_their_ratio(capsys, monkeypatch):
-    bench = load_bench(monkeypatch)
+    bench = load_bench("bench_cli_step", monkeypatch)
     bench.main(["--steps", "1", "--warmup", "1", "--repeats", "1", "--resolution", "64"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("sd1 tiny 64px batch 1 rank 4 fp32 on cpu (1 threads), 1 repeats x 1 steps")

@@ -3,26 +3,13 @@ whose figures agree with the networks it built."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_networks.py"
-
-
-def load_bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_networks", BENCH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from tests.fixtures.bench import load_bench
 
 
 def test_bench_networks_prints_a_row_per_algorithm(capsys, monkeypatch):
-    bench = load_bench(monkeypatch)
+    bench = load_bench("bench_networks", monkeypatch)
     bench.main(["--steps", "1", "--warmup", "1", "--rounds", "1", "--rank", "2", "--unet-only"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("sd1 tiny 64px batch 1 rank 2 fp32 unet-only on CPU")

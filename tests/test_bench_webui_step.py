@@ -3,30 +3,16 @@ extension accepts (and mean what its docstring says), its images, and its readin
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 from PIL import Image
 
 from lora_trainer.config.model import TrainConfig
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_webui_step.py"
-
-
-def load_bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_webui_step", BENCH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+from tests.fixtures.bench import load_bench
 
 
 def test_job_settings_are_accepted_and_fixed(monkeypatch, tmp_path):
-    bench = load_bench(monkeypatch)
+    bench = load_bench("bench_webui_step", monkeypatch)
     for checkpointing in (False, True):
         config = TrainConfig.from_dict(bench.job_body(tmp_path, "b", checkpointing))
         assert config.training.gradient_checkpointing is checkpointing
@@ -42,7 +28,7 @@ def test_job_settings_are_accepted_and_fixed(monkeypatch, tmp_path):
 
 
 def test_images_are_twelve_captioned_256px_and_repeatable(monkeypatch, tmp_path):
-    bench = load_bench(monkeypatch)
+    bench = load_bench("bench_webui_step", monkeypatch)
     folder = bench.write_images(tmp_path / "a") / "1_thing"
     images = sorted(folder.glob("*.png"))
     assert len(images) == 12
@@ -53,6 +39,6 @@ def test_images_are_twelve_captioned_256px_and_repeatable(monkeypatch, tmp_path)
 
 
 def test_process_memory_is_read_in_bytes(monkeypatch):
-    bench = load_bench(monkeypatch)
+    bench = load_bench("bench_webui_step", monkeypatch)
     memory = bench.proc_memory(os.getpid())
     assert 10 * 1024**2 < memory["VmRSS"] <= memory["VmHWM"]
