@@ -52,6 +52,7 @@ from lora_trainer.naming import find_targets
 from lora_trainer.networks.network import LoRANetwork
 from lora_trainer.train import objectives
 from lora_trainer.train.callbacks import Callbacks, ProgressMeter, TrainResult
+from lora_trainer.train.cpu_conv import direct_small_convs
 from lora_trainer.train.guard import checkpointed, frozen_base, unet_blocks
 from lora_trainer.train.guards import LOSS_SKIP, SCALE_FLOOR, StepGuard, grads_finite, precision_plan
 from lora_trainer.train.network_setup import block_plan_for, network_groups, rank_alpha_for
@@ -424,7 +425,8 @@ class _Run:
                 # continue from the generator state the stopped run left
                 self._restore_rng(resume_state[0])
             gc = checkpointed(unet_blocks(a.unet)) if self.cfg.training.gradient_checkpointing else None
-            with placement(a, self.step_parts), self.network.applied(), gc or contextlib.nullcontext():
+            convs = direct_small_convs(a.unet)  # entered after placement: on the device the weights train on
+            with placement(a, self.step_parts), self.network.applied(), gc or contextlib.nullcontext(), convs:
                 self.network.train()
                 train_steps(self, result)  # out of memory: keeps what was trained, says so (train/oom.py)
         return result
