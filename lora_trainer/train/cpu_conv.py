@@ -16,11 +16,12 @@ oneDNN is faster.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any, TypeGuard
 
 import torch
 from torch import nn
+
+from lora_trainer.train.guard import wrapped_forwards
 
 SMALL_MAP = 64
 """Feature maps of at most this many pixels (8x8) take the direct kernel ..."""
@@ -68,23 +69,8 @@ def _wide_cpu_conv(m: nn.Module) -> TypeGuard[nn.Conv2d]:
     return m.in_channels * kh * kw >= WIDE_PATCH
 
 
-@contextlib.contextmanager
-def direct_small_convs(*models: nn.Module) -> Iterator[int]:
+def direct_small_convs(*models: nn.Module) -> contextlib.AbstractContextManager[int]:
     """For the ``with`` block, the Conv2d layers of ``models`` on the CPU with a wide weight run small
     inputs on the direct kernel (see the module's docstring); yields how many layers may do so."""
-    patched: list[tuple[nn.Conv2d, Any]] = []
-    try:
-        if _thnn_conv2d is not None:
-            for model in models:
-                for m in model.modules():
-                    if not _wide_cpu_conv(m):
-                        continue
-                    patched.append((m, m.__dict__.get("forward")))
-                    m.forward = _forward(m, m.forward)
-        yield len(patched)
-    finally:
-        for m, previous in patched:
-            if previous is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = previous
+    convs = [m for model in models for m in model.modules() if _wide_cpu_conv(m)] if _thnn_conv2d is not None else []
+    return wrapped_forwards(convs, _forward)

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch.utils.checkpoint
 from torch import nn
 
 from lora_trainer.naming import is_diffusers_unet
+
+M = TypeVar("M", bound=nn.Module)
 
 
 @contextlib.contextmanager
@@ -43,20 +46,26 @@ def frozen_base(*modules: nn.Module):
 
 
 @contextlib.contextmanager
-def checkpointed(blocks: Iterable[nn.Module]):
+def wrapped_forwards(modules: Iterable[M], wrap: Callable[[M, Callable], Callable]):
+    """For the block, each module's ``forward`` is ``wrap(module, its forward)``; afterwards each is as
+    it was (an instance ``forward`` set before is kept, else the class's applies again). Yields how many."""
     patched = []
     try:
-        for block in blocks:
-            previous = block.__dict__.get("forward")
-            block.forward = _checkpointed_forward(block.forward)
-            patched.append((block, previous))
-        yield
+        for module in modules:
+            previous = module.__dict__.get("forward")
+            module.forward = wrap(module, module.forward)
+            patched.append((module, previous))
+        yield len(patched)
     finally:
-        for block, previous in patched:
+        for module, previous in patched:
             if previous is None:
-                block.__dict__.pop("forward", None)
+                module.__dict__.pop("forward", None)
             else:
-                block.forward = previous
+                module.forward = previous
+
+
+def checkpointed(blocks: Iterable[nn.Module]) -> contextlib.AbstractContextManager:
+    return wrapped_forwards(blocks, lambda _block, forward: _checkpointed_forward(forward))
 
 
 def _checkpointed_forward(forward):
