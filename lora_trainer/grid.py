@@ -32,7 +32,7 @@ from lora_trainer.errors import ConfigError, LoraFileError, LoraTrainerError
 from lora_trainer.files.atomic_write import atomic_write_bytes, unlink_quietly
 from lora_trainer.files.card_preview import existing_card_previews, write_card_preview
 from lora_trainer.files.inspection import family_from_metadata
-from lora_trainer.files.safetensors_format import read_safetensors_header
+from lora_trainer.files.safetensors_format import file_metadata, read_safetensors_header
 
 if TYPE_CHECKING:
     from lora_trainer.contracts import Host
@@ -214,20 +214,14 @@ def files_of_job(job: Job) -> list[Path]:
         return []
     mine = []
     for path in sorted(Path(folder).glob(f"{name}*.safetensors")):
-        try:
-            metadata = read_safetensors_header(path).metadata
-        except (LoraFileError, OSError):
-            continue
+        metadata = file_metadata(path)
         if metadata.get("ss_output_name") == name:
             mine.append((int(metadata.get("ss_steps", "0") or 0), path))
     return [p for _, p in sorted(mine)]
 
 
 def _file_step(path: Path) -> int | None:
-    try:
-        value = read_safetensors_header(path).metadata.get("ss_steps")
-    except (LoraFileError, OSError):
-        return None
+    value = file_metadata(path).get("ss_steps")
     return int(value) if value and value.isdigit() else None
 
 

@@ -36,11 +36,11 @@ import torch
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.contracts import Host
-from lora_trainer.errors import ConfigError, IncompatibleModelError, LoraFileError, LoraTrainerError, OutOfMemory
+from lora_trainer.errors import ConfigError, IncompatibleModelError, LoraTrainerError, OutOfMemory
 from lora_trainer.files.atomic_write import atomic_write_bytes
 from lora_trainer.files.card_preview import write_card_preview
 from lora_trainer.files.resume_state import StateFileError, load_state_info
-from lora_trainer.files.safetensors_format import read_safetensors_header
+from lora_trainer.files.safetensors_format import file_metadata
 from lora_trainer.log import logger
 from lora_trainer.train.callbacks import Callbacks, StepInfo, TrainResult
 from lora_trainer.train.device import device_throughput, is_out_of_memory, release_memory
@@ -462,16 +462,6 @@ def _state_of(work_dir: str | os.PathLike, job: Job) -> dict | None:
     return info if mine else None
 
 
-def _lora_metadata(path: str | None) -> dict[str, str]:
-    """The ``__metadata__`` of the LoRA file at ``path`` (its header only); empty when unreadable."""
-    if not path:
-        return {}
-    try:
-        return read_safetensors_header(path).metadata
-    except (LoraFileError, OSError):
-        return {}
-
-
 def _config_or_none(data: object) -> TrainConfig | None:
     try:
         return TrainConfig.from_dict(data) if isinstance(data, dict) else None
@@ -512,7 +502,7 @@ def _job_from_state(directory: Path) -> Job | None:
     if not isinstance(info, dict):
         return None
     output_file = info.get("output_file") if isinstance(info.get("output_file"), str) else None
-    meta = _lora_metadata(output_file)
+    meta = file_metadata(output_file)
     nested: dict[str, dict] = {}
     for key, value in (info.get("settings") or {}).items():
         group, _, name = str(key).partition(".")

@@ -24,6 +24,7 @@ from lora_trainer.errors import LoraFileError
 __all__ = [
     "PICKLE_SUFFIXES",
     "SafetensorsHeader",
+    "file_metadata",
     "prepare_tensors",
     "read_safetensors_header",
     "splice_header",
@@ -95,6 +96,17 @@ def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
     metadata = _pop_metadata(path, header)
     _check_tensor_layout(path, header, size - 8 - n)
     return SafetensorsHeader(path, size, n, header, dict(metadata))
+
+
+def file_metadata(path: str | os.PathLike | None) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (its header only), or {} when there is no file or it
+    cannot be read: for listings that skip what they cannot read."""
+    if not path:
+        return {}
+    try:
+        return read_safetensors_header(path).metadata
+    except (LoraFileError, OSError):
+        return {}
 
 
 def _checked_file_size(path: Path) -> int:
