@@ -362,19 +362,16 @@ class _Run:
         try:
             if not loss_finite:
                 self.guard.skip(step, LOSS_SKIP)
-            elif self._reduce_gradients() and self._apply_gradients(step):
+            elif self._apply_gradients(step):
                 self.scheduler.step()
                 self.guard.ok()
         finally:
             self._zero_grad()
 
-    def _reduce_gradients(self) -> bool:
-        """Data parallel: the gradients summed across the processes (``Parallel.sum_gradients_``)."""
-        self.parallel.sum_gradients_(self.params)
-        return True
-
     def _apply_gradients(self, step: int) -> bool:
-        """Clip and apply the gradients; False when the step was skipped for NaN/inf gradients."""
+        """Clip and apply the gradients (summed across the processes first, with data parallel training:
+        ``Parallel.sum_gradients_``); False when the step was skipped for NaN/inf gradients."""
+        self.parallel.sum_gradients_(self.params)
         max_norm = self.cfg.optim.max_grad_norm
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
