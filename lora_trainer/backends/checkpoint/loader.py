@@ -27,8 +27,9 @@ import torch
 
 from lora_trainer.backends.checkpoint.unet import convert_unet_state, unet_config_from_state
 from lora_trainer.backends.checkpoint.vae import convert_vae_state, vae_config_from_state
-from lora_trainer.errors import CheckpointError, IncompatibleModelError
+from lora_trainer.errors import CheckpointError, IncompatibleModelError, LoraFileError
 from lora_trainer.files.hashes import checkpoint_hashes
+from lora_trainer.files.safetensors_format import PICKLE_SUFFIXES, read_safetensors_header
 
 __all__ = ["detect_family", "load_checkpoint", "read_state_dict"]
 
@@ -36,7 +37,6 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 _SUPPORTED = "Supported: SD1.x, SD2.x (epsilon or v) and SDXL base single-file checkpoints."
 _VAE_PARTS = ("encoder", "decoder", "quant_conv", "post_quant_conv")
-_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def read_state_dict(
@@ -46,13 +46,17 @@ def read_state_dict(
     file = Path(path)
     if not file.is_file():
         raise CheckpointError(f"{what} file not found: {file}")
-    if file.suffix.lower() in _PICKLE_SUFFIXES:
+    if file.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise CheckpointError(
                 f"{file} is a pickled {what} ({file.suffix}); loading one can run code hidden in it. "
                 "Convert it to .safetensors, or pass --allow-pickle if you trust where it comes from."
             )
         return _read_pickle(file, what)
+    try:  # the header first: a truncated file, a pickle under another name, a header that lies, named
+        read_safetensors_header(file)
+    except LoraFileError as exc:
+        raise CheckpointError(f"{file} is not a readable .safetensors {what}: {exc}") from None
     import safetensors
     from safetensors.torch import load_file
 
