@@ -25,7 +25,7 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # Python 3.10 (the WebUI's): the toml package, which kohya uses too
     _tomllib = None
 
-__all__ = ["KOHYA_UNMAPPED", "ParsedToml", "from_toml", "kohya_and_ours", "parse_toml", "to_toml"]
+__all__ = ["KOHYA_UNMAPPED", "ParsedToml", "UnknownSetting", "from_toml", "kohya_and_ours", "parse_toml", "to_toml"]
 
 _KOHYA_SECTIONS = {
     "dataset": "dataset_arguments",
@@ -103,6 +103,11 @@ _KOHYA_UNMAPPED_NETWORK_ARGS = _names(
 )
 _KOHYA_ALIASES = {"caption_extention": "caption_extension"}  # kohya's old misspelling, still accepted by kohya
 _KOHYA_LEGACY_OPTIMIZER = {"use_8bit_adam": "AdamW8bit", "use_lion_optimizer": "Lion"}
+
+
+class UnknownSetting(ConfigError):
+    """A setting ``parse_toml(strict=True)`` does not know; the caller says how its user skips such
+    settings (the command line's ``--ignore-unknown``)."""
 
 
 class ParsedToml(NamedTuple):
@@ -242,7 +247,7 @@ class _Reader:
 
     def unknown(self, name: str, value: Any, message: str) -> None:
         if self.strict:
-            raise ConfigError(name, message + " (pass strict=False to ignore unknown settings)")
+            raise UnknownSetting(name, message)
         self.ignored[name] = value
 
     # -- kohya's names, from any table --------------------------------------------------------

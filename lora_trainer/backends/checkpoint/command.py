@@ -25,7 +25,7 @@ import torch
 
 from lora_trainer.backends.checkpoint.progress import LogFile, StopOnInterrupt, TerminalCallbacks
 from lora_trainer.config import TrainConfig
-from lora_trainer.config.kohya_toml import parse_toml
+from lora_trainer.config.kohya_toml import UnknownSetting, parse_toml
 from lora_trainer.errors import ConfigError, LoraTrainerError, OutOfMemory
 from lora_trainer.files.atomic_write import atomic_write_bytes
 from lora_trainer.train.loop import train
@@ -65,9 +65,10 @@ def read_config(path: str, *, ignore_unknown: bool) -> tuple[TrainConfig, dict[s
         raise ConfigError("CONFIG", f"no config file at {file}: give our TOML (saved by the tab) or a kohya TOML")
     try:
         parsed = parse_toml(file.read_text(encoding="utf-8"), strict=not ignore_unknown)
+    except UnknownSetting as e:
+        raise ConfigError(e.field, f"{e.message} (in {file}; pass --ignore-unknown to ignore it)") from None
     except ConfigError as e:
-        message = e.message.replace("pass strict=False", "pass --ignore-unknown")
-        raise ConfigError(e.field, f"{message} (in {file})") from None
+        raise ConfigError(e.field, f"{e.message} (in {file})") from None
     except UnicodeDecodeError:
         raise ConfigError("CONFIG", f"{file} is not a text (TOML) file") from None
     return parsed.config, parsed.ignored
