@@ -5,10 +5,13 @@ multi-threaded CPU kernels reduce in varying order (bit-exact comparisons need o
 and a busy 2-core machine slows a 2-thread run by orders of magnitude.
 """
 
+import contextlib
 import logging
 
 import pytest
 import torch
+
+from tests.fixtures.fake_webui import FakeWebUI
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -43,3 +46,17 @@ def records():
     logger.addHandler(handler)
     yield got
     logger.removeHandler(handler)
+
+
+@pytest.fixture
+def make_webui(tmp_path):
+    """``make(family="sd1", **options)``: a stand-in WebUI of that family, installed (its ``modules``
+    importable) until the test ends."""
+    with contextlib.ExitStack() as stack:
+
+        def make(family: str = "sd1", **kwargs) -> FakeWebUI:
+            fake = FakeWebUI(tmp_path / f"webui-{family}", family, **kwargs)
+            stack.enter_context(fake.installed())
+            return fake
+
+        yield make

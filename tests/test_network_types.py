@@ -8,7 +8,6 @@ module writes); exact resume; every optimizer with every algorithm.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -25,7 +24,6 @@ from lora_trainer.networks.network import split_modules
 from lora_trainer.networks.registry import detect_algorithm
 from lora_trainer.train.loop import train
 from lora_trainer.train.names import OPTIMIZERS
-from tests.fixtures.fake_webui import FakeWebUI
 from tests.fixtures.training import StopAfter, make_config
 from tests.fixtures.webui_models import TinyAdapter
 
@@ -162,18 +160,6 @@ def test_kohya_toml_round_trip(tmp_path, label):
 
 # --------------------------------------------------------------------------------------------
 # runs
-
-
-@pytest.fixture
-def make_webui(tmp_path):
-    with contextlib.ExitStack() as stack:
-
-        def make(family: str = "sd1") -> FakeWebUI:
-            fake = FakeWebUI(tmp_path / f"webui-{family}", family)
-            stack.enter_context(fake.installed())
-            return fake
-
-        yield make
 
 
 @pytest.mark.parametrize("label", list(TYPES))

@@ -9,7 +9,6 @@ fused q/k/v of OpenCLIP's attention) and compares the outputs of the merged laye
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import itertools
 import os
@@ -37,18 +36,6 @@ from tests.fixtures.webui_models import TinyAdapter, build_webui_model, webui_te
 # algorithm label -> (registered algorithm, conv 3x3 targets too)
 ALGORITHMS = {"lora": ("lora", False), "locon": ("lora", True), "dora": ("dora", True)}
 FP16_EPS = 2.0**-10
-
-
-@pytest.fixture
-def make_webui(tmp_path):
-    with contextlib.ExitStack() as stack:
-
-        def make(family: str) -> FakeWebUI:
-            fake = FakeWebUI(tmp_path / f"webui-{family}", family)
-            stack.enter_context(fake.installed())
-            return fake
-
-        yield make
 
 
 def random_network(fake: FakeWebUI | nn.Module, algorithm: str, conv: bool, seed: int = 3) -> LoRANetwork:

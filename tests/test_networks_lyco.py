@@ -12,8 +12,6 @@ The layout table is what LyCORIS's own ``LohaModule``/``LokrModule`` give the sa
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from torch import nn
@@ -24,25 +22,12 @@ from lora_trainer.naming import Target
 from lora_trainer.networks.lokr import LoKrModule, factorization
 from lora_trainer.networks.network import network_from_weights, split_modules
 from lora_trainer.networks.registry import detect_algorithm, get_algorithm, loadable_algorithm
-from tests.fixtures.fake_webui import FakeWebUI
 from tests.fixtures.networks import VARIANTS, outputs, probes, random_network, save
 from tests.fixtures.training import make_config
 from tests.fixtures.webui_models import TinyAdapter, webui_text_encoders
 
 FP16_EPS = 2.0**-10
 MAX_DIFF: dict[tuple[str, str], float] = {}
-
-
-@pytest.fixture
-def make_webui(tmp_path):
-    with contextlib.ExitStack() as stack:
-
-        def make(family: str) -> FakeWebUI:
-            fake = FakeWebUI(tmp_path / f"webui-{family}", family)
-            stack.enter_context(fake.installed())
-            return fake
-
-        yield make
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])

@@ -8,7 +8,6 @@ every ending.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import types
 
@@ -26,18 +25,6 @@ from tests.fixtures.fake_webui.optimizations import (
 )
 from tests.fixtures.model_state import assert_model_unchanged, model_snapshot
 from tests.fixtures.training import make_config
-
-
-@pytest.fixture
-def make_webui(tmp_path):
-    with contextlib.ExitStack() as stack:
-
-        def make(family: str = "sd1", **kwargs) -> FakeWebUI:
-            fake = FakeWebUI(tmp_path / f"webui-{family}", family, **kwargs)
-            stack.enter_context(fake.installed())
-            return fake
-
-        yield make
 
 
 def _config(tmp_path, steps: int, **overrides):

@@ -6,7 +6,6 @@ module around a tiny SD1/SD2/SDXL model for one test at a time; the backend is i
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import textwrap
@@ -36,18 +35,6 @@ TE_GROUPS = {"sd1": ("te",), "sd2": ("te",), "sdxl": ("te1", "te2")}
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 MISSING = object()
 WATCHED_ATTRIBUTES = ("is_trainable", "ucg_rate", "layer_idx", "network_current_names", "use_checkpoint", "checkpoint")
-
-
-@pytest.fixture
-def make_webui(tmp_path):
-    with contextlib.ExitStack() as stack:
-
-        def make(family: str = "sd1", **kwargs) -> FakeWebUI:
-            fake = FakeWebUI(tmp_path / f"webui-{family}", family, **kwargs)
-            stack.enter_context(fake.installed())
-            return fake
-
-        yield make
 
 
 def job_config(tmp_path, steps=2, **overrides):

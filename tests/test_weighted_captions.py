@@ -9,7 +9,6 @@ embedding lookup and its infotext notes are back after every call.
 
 from __future__ import annotations
 
-import contextlib
 import random
 
 import pytest
@@ -29,18 +28,6 @@ SYNTAX = [
     "1girl, (unbalanced, long hair",
     "a cat BREAK a dog",
 ]
-
-
-@pytest.fixture
-def make_webui(tmp_path):
-    with contextlib.ExitStack() as stack:
-
-        def make(family: str = "sd1") -> FakeWebUI:
-            fake = FakeWebUI(tmp_path / f"webui-{family}", family)
-            stack.enter_context(fake.installed())
-            return fake
-
-        yield make
 
 
 def _size_cond(family: str, n: int):
